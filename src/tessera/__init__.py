@@ -1,0 +1,89 @@
+"""Tessera: version image datasets and log model predictions on them by reference.
+
+The public API, and nothing else::
+
+    import tessera
+
+    with tessera.init(project="mnist", config={"lr": 0.1}) as run:
+        art = tessera.Artifact("weights", type="model")
+        art.add_file("model.pt")
+        run.log_artifact(art, aliases=["best"])
+        run.log({"loss": 0.25})
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from tessera.api.artifact import Artifact, ArtifactVersion
+from tessera.api.browse import StoreBrowser
+from tessera.api.run import Run
+from tessera.backend.local import LocalBackend
+from tessera.errors import (
+    ConflictError,
+    DigestMismatchError,
+    InvalidNameError,
+    InvalidPathError,
+    NotFoundError,
+    RunFinishedError,
+    StoreCorruptError,
+    StoreFormatError,
+    StoreNotFoundError,
+    TesseraError,
+)
+from tessera.jsonvalues import to_json
+from tessera.names import check_name
+
+__version__ = "0.1.0"
+
+
+def init(
+    project: str,
+    name: str | None = None,
+    config: dict[str, Any] | None = None,
+    dir: str | os.PathLike[str] | None = None,
+) -> Run:
+    """Start a run in ``project``. ``dir`` (or ``$TESSERA_DIR``, default ``./.tessera``) is
+    the store; it is created on first use."""
+    check_name(project, "project")
+    if name is not None:
+        check_name(name, "run")
+    if config is not None and not isinstance(config, dict):
+        raise TypeError(f"config must be a dict, got {type(config).__name__}")
+    config_json = to_json(config or {}, "config")
+    backend = LocalBackend.open(dir, create=True)
+    try:
+        backend.mark_stale_runs()
+        record = backend.create_run(project, name, config_json)
+    except BaseException:
+        backend.close()
+        raise
+    return Run(backend, record)
+
+
+def open_store(dir: str | os.PathLike[str] | None = None) -> StoreBrowser:
+    """Browse an existing store read-only: projects, runs, artifacts, versions, lineage."""
+    backend = LocalBackend.open(dir)
+    backend.mark_stale_runs()
+    return StoreBrowser(backend)
+
+
+__all__ = [
+    "Artifact",
+    "ArtifactVersion",
+    "ConflictError",
+    "DigestMismatchError",
+    "InvalidNameError",
+    "InvalidPathError",
+    "NotFoundError",
+    "Run",
+    "RunFinishedError",
+    "StoreBrowser",
+    "StoreCorruptError",
+    "StoreFormatError",
+    "StoreNotFoundError",
+    "TesseraError",
+    "init",
+    "open_store",
+]

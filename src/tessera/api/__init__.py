@@ -1,0 +1,1 @@
+"""What users call: runs, artifacts, browsing. Re-exported by ``tessera``."""

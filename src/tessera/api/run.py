@@ -1,0 +1,259 @@
+"""Runs: one execution of user code, its config, metrics, summary and the artifacts it touched."""
+
+from __future__ import annotations
+
+import atexit
+import numbers
+import sys
+import threading
+import weakref
+from collections.abc import Iterator, Mapping, MutableMapping
+from types import TracebackType
+from typing import Any
+
+from tessera.api.artifact import Artifact, ArtifactVersion
+from tessera.backend.base import Backend
+from tessera.errors import RunFinishedError
+from tessera.jsonvalues import to_json
+from tessera.names import check_alias, parse_version_spec
+from tessera.runtime import HEARTBEAT_SECONDS
+from tessera.store.catalog import RunRecord
+
+
+class Run:
+    """A run in progress. Use it as a context manager, or call ``finish()``.
+
+    Leaving the ``with`` block on an exception marks the run ``failed``; a process that ends
+    without finishing marks it ``finished`` (``failed`` after an uncaught exception); a process
+    that is killed leaves it ``running`` until Tessera notices and marks it ``crashed``.
+    """
+
+    def __init__(self, backend: Backend, record: RunRecord, owns_backend: bool = True):
+        self._backend = backend
+        self._record = record
+        self._owns_backend = owns_backend
+        self._step = 0
+        self._lock = threading.Lock()
+        self._finished = False
+        self.summary = RunSummary(self)
+        self._stop_heartbeat = threading.Event()
+        self._heartbeat = threading.Thread(
+            target=_heartbeat_loop,
+            args=(weakref.ref(self), self._stop_heartbeat),
+            name=f"tessera-heartbeat-{record.id}",
+            daemon=True,
+        )
+        self._heartbeat.start()
+        _open_runs.add(self)
+
+    def __repr__(self) -> str:
+        return f"<Run {self.project}/{self.name} id={self.id} status={self.status}>"
+
+    # -- identity ----------------------------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        return self._record.id
+
+    @property
+    def name(self) -> str:
+        return self._record.name
+
+    @property
+    def project(self) -> str:
+        return self._record.project
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(self._record.config)
+
+    @property
+    def status(self) -> str:
+        return "running" if not self._finished else self._backend.run(self.id).status
+
+    # -- logging -----------------------------------------------------------------------------
+
+    def log(self, data: Mapping[str, Any], step: int | None = None) -> None:
+        """Log metric values at a step (default: one past the previous step).
+
+        Nested dicts are flattened with ``/`` (``{"val": {"acc": 1}}`` logs ``val/acc``). Each
+        value also becomes the run's summary value for that key.
+        """
+        self._check_open()
+        if not isinstance(data, Mapping):
+            raise TypeError(f"run.log() takes a dict of metric values, got {type(data).__name__}")
+        values = _flatten_metrics(data)
+        with self._lock:
+            if step is None:
+                step = self._step
+            elif not isinstance(step, numbers.Integral) or isinstance(step, bool) or step < 0:
+                raise ValueError(f"step must be a non-negative integer, got {step!r}")
+            step = int(step)
+            self._step = max(self._step, step + 1)
+            self.summary._data.update(values)
+            self._backend.log_metrics(self.id, step, values, self.summary._data)
+
+    def log_artifact(self, artifact: Artifact, aliases: tuple[str, ...] | list[str] = ()
+                     ) -> ArtifactVersion:
+        """Store an artifact's files and record a new version (or return the identical one)."""
+        self._check_open()
+        if not isinstance(artifact, Artifact):
+            raise TypeError(f"log_artifact takes a tessera.Artifact, got {type(artifact).__name__}")
+        if isinstance(aliases, str):
+            aliases = (aliases,)
+        aliases = tuple(check_alias(a) for a in aliases)
+        if not len(artifact):
+            raise ValueError(
+                f"artifact {artifact.name!r} has no files; add some with add_file or add_dir"
+            )
+        manifest, digest = self._backend.store_files(
+            list(artifact._sources.values()), artifact.metadata
+        )
+        record, _created = self._backend.commit_version(
+            project=self.project,
+            name=artifact.name,
+            type=artifact.type,
+            description=artifact.description,
+            manifest=manifest,
+            digest=digest,
+            run_id=self.id,
+            aliases=aliases,
+        )
+        return ArtifactVersion(self._backend, record, manifest, run=self)
+
+    def use_artifact(self, spec: str) -> ArtifactVersion:
+        """The version ``name:v1`` / ``name:latest`` / ``name:alias`` / ``project/name:...``,
+        recorded as an input of this run."""
+        self._check_open()
+        record = self._backend.resolve(parse_version_spec(spec), self.project)
+        self._backend.record_use(self.id, record.id)
+        return ArtifactVersion(self._backend, record, run=self)
+
+    def history(self) -> dict[str, list[tuple[int, float | None]]]:
+        """Every logged metric: ``{key: [(step, value), ...]}``."""
+        out: dict[str, list[tuple[int, float | None]]] = {}
+        for step, key, value in self._backend.metric_history(self.id):
+            out.setdefault(key, []).append((step, value))
+        return out
+
+    # -- ending ------------------------------------------------------------------------------
+
+    def finish(self, status: str = "finished") -> None:
+        """End the run (``finished`` or ``failed``). Calling it again does nothing."""
+        if status not in ("finished", "failed"):
+            raise ValueError(f"status must be 'finished' or 'failed', got {status!r}")
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+        self._stop_heartbeat.set()
+        _open_runs.discard(self)
+        self._backend.finish_run(self.id, status)
+        if self._owns_backend:
+            self._backend.close()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.finish("failed" if exc_type is not None else "finished")
+
+    def _check_open(self) -> None:
+        if self._finished:
+            raise RunFinishedError(
+                f"run {self.name} ({self.id}) has finished; start a new one with tessera.init()"
+            )
+
+
+class RunSummary(MutableMapping[str, Any]):
+    """The run's final values, stored as they change. ``run.log`` keeps it up to date."""
+
+    def __init__(self, run: Run):
+        self._run = run
+        self._data: dict[str, Any] = dict(run._record.summary)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._run._check_open()
+        self._data[key] = to_json(value, f"summary[{key!r}]")
+        self._run._backend.set_summary(self._run.id, self._data)
+
+    def __delitem__(self, key: str) -> None:
+        self._run._check_open()
+        del self._data[key]
+        self._run._backend.set_summary(self._run.id, self._data)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"RunSummary({self._data!r})"
+
+    def update(self, *args: Any, **kwargs: Any) -> None:  # one write for many keys
+        self._run._check_open()
+        for key, value in dict(*args, **kwargs).items():
+            self._data[key] = to_json(value, f"summary[{key!r}]")
+        self._run._backend.set_summary(self._run.id, self._data)
+
+
+def _flatten_metrics(data: Mapping[str, Any], prefix: str = "") -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for key, value in data.items():
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"metric names must be non-empty strings, got {key!r}")
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten_metrics(value, f"{name}/"))
+            continue
+        item = getattr(value, "item", None)  # numpy scalars, 0-d arrays, 1-element tensors
+        if callable(item) and not isinstance(value, numbers.Number):
+            try:
+                value = item()
+            except (ValueError, RuntimeError):
+                pass
+        if isinstance(value, numbers.Real):
+            number = float(value)
+            out[name] = number if number == number and abs(number) != float("inf") else None
+        else:
+            raise TypeError(
+                f"run.log(): {name!r} is a {type(value).__name__}; metrics must be numbers "
+                "(put text and other values in run.summary or the config)"
+            )
+    return out
+
+
+# -- process end -------------------------------------------------------------------------------
+
+_open_runs: weakref.WeakSet[Run] = weakref.WeakSet()
+
+
+def _heartbeat_loop(run_ref: weakref.ref[Run], stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT_SECONDS):
+        run = run_ref()
+        if run is None:
+            return
+        try:
+            run._backend.heartbeat(run.id)
+        except Exception:  # a missed heartbeat must never disturb the user's program
+            pass
+        del run
+
+
+@atexit.register
+def _finish_open_runs() -> None:
+    failed = getattr(sys, "last_value", None) is not None  # an uncaught exception ended main
+    for run in list(_open_runs):
+        try:
+            run.finish("failed" if failed else "finished")
+        except Exception:
+            pass

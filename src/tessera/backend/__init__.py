@@ -1,0 +1,1 @@
+"""Backends: the one interface the public API talks to (see base.py)."""

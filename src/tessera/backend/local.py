@@ -1,0 +1,197 @@
+"""LocalBackend: the Backend protocol served straight from a store folder."""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from tessera import progress, runtime
+from tessera.backend.base import Source
+from tessera.errors import NotFoundError
+from tessera.names import VersionSpec
+from tessera.store import Store
+from tessera.store.blobs import LocalWriteBatch
+from tessera.store.catalog import ArtifactRecord, ProjectRecord, RunRecord, VersionRecord
+from tessera.store.hashing import hash_file
+from tessera.store.manifest import FileEntry, Manifest
+from tessera.store.statcache import now_ns
+
+# Hashing and copying release the GIL; a few threads per core keep the disk and the CPU busy.
+_WORKERS = min(16, 4 * (os.cpu_count() or 1))
+_SHOW_PROGRESS_FILES = 2000
+_SHOW_PROGRESS_BYTES = 256 * 1024 * 1024
+
+
+class LocalBackend:
+    def __init__(self, store: Store):
+        self.store = store
+        self.catalog = store.catalog
+
+    @classmethod
+    def open(cls, dir: str | os.PathLike[str] | None = None, create: bool = False) -> LocalBackend:
+        return cls(Store.open(dir, create=create))
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- runs --------------------------------------------------------------------------------
+
+    def create_run(self, project: str, name: str | None, config: dict[str, Any]) -> RunRecord:
+        me = runtime.this_process()
+        return self.catalog.create_run(project, name, config, me.host, me.pid, me.started)
+
+    def run(self, run_id: str) -> RunRecord:
+        return self.catalog.run(run_id)
+
+    def runs(self, project: str | None = None) -> list[RunRecord]:
+        return self.catalog.runs(project)
+
+    def log_metrics(
+        self, run_id: str, step: int, values: dict[str, float | None], summary: dict[str, Any]
+    ) -> None:
+        self.catalog.log_metrics(run_id, step, values, summary)
+
+    def set_summary(self, run_id: str, summary: dict[str, Any]) -> None:
+        self.catalog.update_run(run_id, summary=summary)
+
+    def heartbeat(self, run_id: str) -> None:
+        self.catalog.update_run(run_id, heartbeat_at=time.time())
+
+    def finish_run(self, run_id: str, status: str, only_if_running: bool = False) -> bool:
+        return self.catalog.finish_run(run_id, status, only_if_running)
+
+    def metric_history(self, run_id: str) -> list[tuple[int, str, float | None]]:
+        return self.catalog.metric_history(run_id)
+
+    def mark_stale_runs(self) -> list[RunRecord]:
+        """Mark runs whose process is gone (or silent too long) as crashed; return them."""
+        crashed = []
+        for record in self.catalog.runs(status="running"):
+            if not runtime.run_is_alive(record):
+                if self.catalog.finish_run(record.id, "crashed", only_if_running=True):
+                    crashed.append(record)
+        return crashed
+
+    # -- artifacts ---------------------------------------------------------------------------
+
+    def store_files(
+        self, sources: list[Source], metadata: dict[str, Any] | None = None
+    ) -> tuple[Manifest, str]:
+        """Store every source's bytes and the manifest; return the manifest and its digest.
+
+        Everything is written in one blob batch, so it becomes durable with one sync and
+        visible (under digest names) only once complete.
+        """
+        with self.store.blobs.batch() as batch:
+            entries = _ingest(sources, batch, self.store)
+            manifest = Manifest.build(entries, metadata)
+            digest = batch.put_bytes(manifest.to_bytes())
+        return manifest, digest
+
+    def commit_version(
+        self,
+        *,
+        project: str,
+        name: str,
+        type: str,
+        description: str | None,
+        manifest: Manifest,
+        digest: str,
+        run_id: str | None,
+        aliases: tuple[str, ...] = (),
+    ) -> tuple[VersionRecord, bool]:
+        return self.catalog.commit_version(
+            project=project,
+            name=name,
+            type=type,
+            description=description,
+            digest=digest,
+            size=manifest.size,
+            file_count=len(manifest.files),
+            run_id=run_id,
+            aliases=aliases,
+        )
+
+    def resolve(self, spec: VersionSpec, default_project: str | None) -> VersionRecord:
+        return self.catalog.resolve(spec, default_project)
+
+    def record_use(self, run_id: str, version_id: int) -> None:
+        self.catalog.record_use(run_id, version_id)
+
+    def read_manifest(self, digest: str) -> Manifest:
+        return Manifest.from_bytes(self.store.blobs.read(digest), digest)
+
+    def open_blob(self, digest: str) -> BinaryIO:
+        return self.store.blobs.open(digest)
+
+    def blob_path(self, digest: str) -> Path | None:
+        return self.store.blobs.local_path(digest)
+
+    # -- browsing ----------------------------------------------------------------------------
+
+    def projects(self) -> list[ProjectRecord]:
+        return self.catalog.projects()
+
+    def artifacts(self, project: str | None = None) -> list[ArtifactRecord]:
+        return self.catalog.artifacts(project)
+
+    def versions(self, project: str, artifact: str) -> list[VersionRecord]:
+        return self.catalog.versions(project, artifact)
+
+    def lineage(self, version_id: int) -> dict[str, list[RunRecord]]:
+        return self.catalog.lineage(version_id)
+
+    def run_versions(self, run_id: str) -> dict[str, list[VersionRecord]]:
+        return self.catalog.run_versions(run_id)
+
+
+def _ingest(sources: list[Source], batch: LocalWriteBatch, store: Store) -> list[FileEntry]:
+    """Digest every source, storing the bytes of all but references.
+
+    Files the stat cache knows (same path, size, mtime, inode) are not read again; when their
+    blob is present, nothing at all is written for them.
+    """
+    stats: dict[Path, os.stat_result] = {}
+    for source in sources:
+        if source.local is not None:
+            try:
+                stats[source.local] = source.local.stat()
+            except FileNotFoundError:
+                raise NotFoundError(
+                    f"{source.local} (for {source.path!r}) no longer exists; nothing was logged"
+                ) from None
+    cached = store.stat_cache.lookup(stats.items())
+    total_bytes = sum(st.st_size for st in stats.values())
+    show = len(sources) >= _SHOW_PROGRESS_FILES or total_bytes >= _SHOW_PROGRESS_BYTES
+    remembered: list[tuple[Path, os.stat_result, str, int]] = []
+
+    def digest_one(source: Source) -> FileEntry:
+        if source.data is not None:
+            digest = batch.put_bytes(source.data)
+            return FileEntry(source.path, digest, len(source.data), source.media, source.ref)
+        assert source.local is not None
+        st = stats[source.local]
+        digest = cached.get(str(source.local))
+        size = st.st_size
+        if digest is None or (source.ref is None and not batch.reuse(digest)):
+            started = now_ns()
+            if source.ref is None:
+                digest, size = batch.put_file(source.local)
+            else:
+                digest, size = hash_file(source.local)
+            if size == st.st_size:
+                remembered.append((source.local, st, digest, started))
+        bar.advance(size)
+        return FileEntry(source.path, digest, size, source.media, source.ref)
+
+    with (
+        progress.bar("storing files", total_bytes, bytes=True, show=show) as bar,
+        ThreadPoolExecutor(_WORKERS) as pool,
+    ):
+        entries = list(pool.map(digest_one, sources))
+    store.stat_cache.remember(remembered)
+    return entries
+

@@ -1,0 +1,48 @@
+"""Every error Tessera raises on purpose.
+
+Each message says what was wrong and how to fix it; the CLI prints the message alone, without a
+traceback. All of them derive from :class:`TesseraError`, so ``except tessera.TesseraError``
+catches exactly the failures Tessera explains.
+"""
+
+from __future__ import annotations
+
+
+class TesseraError(Exception):
+    """Base class of every error Tessera raises deliberately."""
+
+
+class InvalidNameError(TesseraError, ValueError):
+    """A project, artifact, alias or file name breaks the naming rules."""
+
+
+class InvalidPathError(TesseraError, ValueError):
+    """A path inside an artifact is absolute, contains `..`, or is otherwise unsafe."""
+
+
+class NotFoundError(TesseraError, LookupError):
+    """A project, run, artifact, version or file does not exist."""
+
+
+class ConflictError(TesseraError):
+    """The request contradicts what the store already holds (e.g. an artifact's type)."""
+
+
+class StoreNotFoundError(TesseraError):
+    """No Tessera store at the given folder."""
+
+
+class StoreFormatError(TesseraError):
+    """The store was written by a newer Tessera, or is not a Tessera store at all."""
+
+
+class StoreCorruptError(TesseraError):
+    """The store's files disagree with each other: a missing blob, a bad digest, a broken catalog."""
+
+
+class DigestMismatchError(StoreCorruptError):
+    """Bytes do not hash to the digest they were stored or announced under."""
+
+
+class RunFinishedError(TesseraError):
+    """Something was logged to a run that has already finished."""

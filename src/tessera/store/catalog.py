@@ -1,0 +1,633 @@
+"""The catalog: projects, runs, metrics, artifacts, versions, aliases and lineage, in SQL.
+
+One class, ``Catalog``, holds every query, written in SQLAlchemy Core so that the same code runs
+on SQLite (embedded, WAL) and PostgreSQL. Writes that must be serialised — version numbering
+above all — rely on the database (a counter row updated in the transaction, unique constraints),
+never on in-process locks, so several processes or server replicas can write at once.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+
+from tessera.errors import (
+    ConflictError,
+    NotFoundError,
+    StoreCorruptError,
+    StoreFormatError,
+)
+from tessera.names import VersionSpec
+from tessera.store import schema as t
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+HEAD_REVISION = "0001"  # keep equal to the newest file in migrations/versions
+RUN_STATUSES = ("running", "finished", "failed", "crashed")
+
+
+@dataclass(frozen=True)
+class ProjectRecord:
+    id: int
+    name: str
+    created_at: float
+    run_count: int = 0
+    artifact_count: int = 0
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    id: str
+    project: str
+    name: str
+    status: str
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    started_at: float
+    ended_at: float | None
+    heartbeat_at: float
+    host: str
+    pid: int
+    pid_started: str
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    id: int
+    project: str
+    artifact: str
+    type: str
+    description: str | None
+    number: int
+    digest: str
+    size: int
+    file_count: int
+    run_id: str | None
+    created_at: float
+    aliases: tuple[str, ...] = field(default=())
+
+    @property
+    def version(self) -> str:
+        return f"v{self.number}"
+
+    @property
+    def spec(self) -> str:
+        return f"{self.project}/{self.artifact}:v{self.number}"
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    id: int
+    project: str
+    name: str
+    type: str
+    description: str | None
+    version_count: int
+    created_at: float
+
+
+class Catalog:
+    def __init__(self, url: str, *, sqlite_path: Path | None = None):
+        self.url = url
+        self.engine = _make_engine(url)
+        self._sqlite_path = sqlite_path
+
+    # -- connections and schema ----------------------------------------------------------------
+
+    @contextmanager
+    def read(self) -> Iterator[sa.Connection]:
+        with self._translate_errors(), self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    @contextmanager
+    def write(self) -> Iterator[sa.Connection]:
+        """A transaction that takes the write lock at its start (SQLite: BEGIN IMMEDIATE)."""
+        with (
+            self._translate_errors(),
+            self.engine.connect().execution_options(tessera_write=True) as conn,
+            conn.begin(),
+        ):
+            yield conn
+
+    @contextmanager
+    def _translate_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sa.exc.DatabaseError as e:
+            message = str(e.orig) if e.orig is not None else str(e)
+            if "not a database" in message or "malformed" in message:
+                raise StoreCorruptError(
+                    f"the catalog at {self._sqlite_path or self.url} is damaged ({message}); "
+                    "restore it from a backup"
+                ) from None
+            raise
+
+    def revision(self) -> str | None:
+        with self.read() as conn:
+            if not sa.inspect(conn).has_table("alembic_version"):
+                return None
+            return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+
+    def upgrade(self) -> None:
+        """Bring the schema to the newest revision; refuse a catalog written by a newer Tessera."""
+        current = self.revision()
+        if current == HEAD_REVISION:
+            return
+        known = {p.stem.split("_", 1)[0] for p in (MIGRATIONS_DIR / "versions").glob("*.py")}
+        if current is not None and current not in known:
+            raise StoreFormatError(
+                f"the catalog at {self._sqlite_path or self.url} has schema revision {current}, "
+                "written by a newer Tessera; upgrade Tessera (pip install -U tessera)"
+            )
+        from alembic import command
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        with self.engine.connect().execution_options(tessera_write=True) as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+            conn.commit()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- projects ----------------------------------------------------------------------------
+
+    def ensure_project(self, conn: sa.Connection, name: str) -> int:
+        found = conn.execute(sa.select(t.projects.c.id).where(t.projects.c.name == name)).scalar()
+        if found is not None:
+            return found
+        conn.execute(_insert_ignore(conn, t.projects, {"name": name, "created_at": time.time()}))
+        return conn.execute(sa.select(t.projects.c.id).where(t.projects.c.name == name)).scalar_one()
+
+    def projects(self) -> list[ProjectRecord]:
+        runs = (
+            sa.select(sa.func.count())
+            .where(t.runs.c.project_id == t.projects.c.id)
+            .scalar_subquery()
+        )
+        arts = (
+            sa.select(sa.func.count())
+            .where(t.artifacts.c.project_id == t.projects.c.id)
+            .scalar_subquery()
+        )
+        query = sa.select(t.projects, runs.label("runs"), arts.label("arts")).order_by(
+            t.projects.c.name
+        )
+        with self.read() as conn:
+            return [
+                ProjectRecord(r.id, r.name, r.created_at, r.runs, r.arts)
+                for r in conn.execute(query)
+            ]
+
+    def project_id(self, conn: sa.Connection, name: str) -> int:
+        found = conn.execute(sa.select(t.projects.c.id).where(t.projects.c.name == name)).scalar()
+        if found is None:
+            existing = [p.name for p in self.projects()]
+            raise NotFoundError(
+                f"no project {name!r}; projects in this store: {', '.join(existing) or '(none)'}"
+            )
+        return found
+
+    # -- runs --------------------------------------------------------------------------------
+
+    def create_run(
+        self,
+        project: str,
+        name: str | None,
+        config: dict[str, Any],
+        host: str,
+        pid: int,
+        pid_started: str,
+    ) -> RunRecord:
+        now = time.time()
+        run_id = secrets.token_hex(8)
+        with self.write() as conn:
+            project_id = self.ensure_project(conn, project)
+            if name is None:
+                count = conn.execute(
+                    sa.select(sa.func.count()).where(t.runs.c.project_id == project_id)
+                ).scalar_one()
+                name = f"run-{count + 1}"
+            conn.execute(
+                t.runs.insert().values(
+                    id=run_id,
+                    project_id=project_id,
+                    name=name,
+                    status="running",
+                    config=config,
+                    summary={},
+                    started_at=now,
+                    ended_at=None,
+                    heartbeat_at=now,
+                    host=host,
+                    pid=pid,
+                    pid_started=pid_started,
+                )
+            )
+        return self.run(run_id)
+
+    def _run_query(self) -> sa.Select:
+        return sa.select(t.runs, t.projects.c.name.label("project")).join(
+            t.projects, t.projects.c.id == t.runs.c.project_id
+        )
+
+    def run(self, run_id: str) -> RunRecord:
+        with self.read() as conn:
+            row = conn.execute(self._run_query().where(t.runs.c.id == run_id)).first()
+        if row is None:
+            raise NotFoundError(f"no run with id {run_id!r}")
+        return _run_record(row)
+
+    def runs(self, project: str | None = None, status: str | None = None) -> list[RunRecord]:
+        query = self._run_query().order_by(t.runs.c.started_at, t.runs.c.id)
+        if project is not None:
+            query = query.where(t.projects.c.name == project)
+        if status is not None:
+            query = query.where(t.runs.c.status == status)
+        with self.read() as conn:
+            return [_run_record(r) for r in conn.execute(query)]
+
+    def update_run(self, run_id: str, **values: Any) -> None:
+        with self.write() as conn:
+            conn.execute(t.runs.update().where(t.runs.c.id == run_id).values(**values))
+
+    def finish_run(self, run_id: str, status: str, only_if_running: bool = False) -> bool:
+        """Set a final status; with ``only_if_running``, leave an already-ended run alone."""
+        assert status in RUN_STATUSES
+        query = t.runs.update().where(t.runs.c.id == run_id)
+        if only_if_running:
+            query = query.where(t.runs.c.status == "running")
+        with self.write() as conn:
+            result = conn.execute(query.values(status=status, ended_at=time.time()))
+            return result.rowcount > 0
+
+    def log_metrics(
+        self, run_id: str, step: int, values: dict[str, float | None], summary: dict[str, Any]
+    ) -> None:
+        """Append one step of metric values and store the run's updated summary, atomically."""
+        now = time.time()
+        rows = [
+            {"run_id": run_id, "step": step, "key": k, "value": v, "logged_at": now}
+            for k, v in values.items()
+        ]
+        with self.write() as conn:
+            if rows:
+                conn.execute(t.metrics.insert(), rows)
+            conn.execute(
+                t.runs.update()
+                .where(t.runs.c.id == run_id)
+                .values(summary=summary, heartbeat_at=now)
+            )
+
+    def metric_history(self, run_id: str) -> list[tuple[int, str, float | None]]:
+        query = (
+            sa.select(t.metrics.c.step, t.metrics.c.key, t.metrics.c.value)
+            .where(t.metrics.c.run_id == run_id)
+            .order_by(t.metrics.c.key, t.metrics.c.step, t.metrics.c.id)
+        )
+        with self.read() as conn:
+            return [(r.step, r.key, r.value) for r in conn.execute(query)]
+
+    def last_step(self, run_id: str) -> int | None:
+        with self.read() as conn:
+            return conn.execute(
+                sa.select(sa.func.max(t.metrics.c.step)).where(t.metrics.c.run_id == run_id)
+            ).scalar()
+
+    # -- artifacts and versions --------------------------------------------------------------
+
+    def commit_version(
+        self,
+        *,
+        project: str,
+        name: str,
+        type: str,
+        description: str | None,
+        digest: str,
+        size: int,
+        file_count: int,
+        run_id: str | None,
+        aliases: tuple[str, ...] = (),
+    ) -> tuple[VersionRecord, bool]:
+        """Record a version whose blobs and manifest are already stored.
+
+        Returns the version and whether it is new. Content identical to an existing version of
+        the same artifact returns that version (its aliases still move as asked).
+        """
+        now = time.time()
+        with self.write() as conn:
+            project_id = self.ensure_project(conn, project)
+            artifact = conn.execute(
+                sa.select(t.artifacts).where(
+                    t.artifacts.c.project_id == project_id, t.artifacts.c.name == name
+                )
+            ).first()
+            if artifact is None:
+                conn.execute(
+                    t.artifacts.insert().values(
+                        project_id=project_id,
+                        name=name,
+                        type=type,
+                        description=description,
+                        created_at=now,
+                        version_count=0,
+                    )
+                )
+                artifact = conn.execute(
+                    sa.select(t.artifacts).where(
+                        t.artifacts.c.project_id == project_id, t.artifacts.c.name == name
+                    )
+                ).one()
+            elif artifact.type != type:
+                raise ConflictError(
+                    f"artifact {project}/{name} has type {artifact.type!r}, not {type!r}; "
+                    "use another name or the same type"
+                )
+            elif description is not None and description != artifact.description:
+                conn.execute(
+                    t.artifacts.update()
+                    .where(t.artifacts.c.id == artifact.id)
+                    .values(description=description)
+                )
+            existing = conn.execute(
+                sa.select(t.versions.c.id).where(
+                    t.versions.c.artifact_id == artifact.id, t.versions.c.digest == digest
+                )
+            ).scalar()
+            created = existing is None
+            if created:
+                number = conn.execute(
+                    t.artifacts.update()
+                    .where(t.artifacts.c.id == artifact.id)
+                    .values(version_count=t.artifacts.c.version_count + 1)
+                    .returning(t.artifacts.c.version_count)
+                ).scalar_one() - 1
+                version_id = conn.execute(
+                    t.versions.insert()
+                    .values(
+                        artifact_id=artifact.id,
+                        number=number,
+                        digest=digest,
+                        size=size,
+                        file_count=file_count,
+                        run_id=run_id,
+                        created_at=now,
+                    )
+                    .returning(t.versions.c.id)
+                ).scalar_one()
+                self._set_alias(conn, artifact.id, "latest", version_id)
+            else:
+                version_id = existing
+            for alias in aliases:
+                self._set_alias(conn, artifact.id, alias, version_id)
+            if run_id is not None:
+                self._link(conn, run_id, version_id, "logged")
+        return self.version_by_id(version_id), created
+
+    def _set_alias(self, conn: sa.Connection, artifact_id: int, alias: str, version_id: int) -> None:
+        conn.execute(
+            t.aliases.delete().where(
+                t.aliases.c.artifact_id == artifact_id, t.aliases.c.alias == alias
+            )
+        )
+        conn.execute(
+            t.aliases.insert().values(artifact_id=artifact_id, alias=alias, version_id=version_id)
+        )
+
+    def _link(self, conn: sa.Connection, run_id: str, version_id: int, direction: str) -> None:
+        conn.execute(
+            _insert_ignore(
+                conn,
+                t.lineage,
+                {"run_id": run_id, "version_id": version_id, "direction": direction,
+                 "at": time.time()},
+            )
+        )
+
+    def record_use(self, run_id: str, version_id: int) -> None:
+        with self.write() as conn:
+            self._link(conn, run_id, version_id, "used")
+
+    def set_alias(self, project: str, artifact: str, alias: str, number: int) -> VersionRecord:
+        version = self.resolve(VersionSpec(project, artifact, f"v{number}"), project)
+        with self.write() as conn:
+            artifact_id = conn.execute(
+                sa.select(t.versions.c.artifact_id).where(t.versions.c.id == version.id)
+            ).scalar_one()
+            self._set_alias(conn, artifact_id, alias, version.id)
+        return self.version_by_id(version.id)
+
+    def _version_query(self) -> sa.Select:
+        return (
+            sa.select(
+                t.versions,
+                t.artifacts.c.name.label("artifact"),
+                t.artifacts.c.type,
+                t.artifacts.c.description,
+                t.projects.c.name.label("project"),
+            )
+            .join(t.artifacts, t.artifacts.c.id == t.versions.c.artifact_id)
+            .join(t.projects, t.projects.c.id == t.artifacts.c.project_id)
+        )
+
+    def _version_records(self, conn: sa.Connection, query: sa.Select) -> list[VersionRecord]:
+        rows = conn.execute(query).all()
+        if not rows:
+            return []
+        alias_rows = conn.execute(
+            sa.select(t.aliases.c.version_id, t.aliases.c.alias).where(
+                t.aliases.c.version_id.in_([r.id for r in rows])
+            )
+        ).all()
+        by_version: dict[int, list[str]] = {}
+        for version_id, alias in alias_rows:
+            by_version.setdefault(version_id, []).append(alias)
+        return [
+            VersionRecord(
+                id=r.id,
+                project=r.project,
+                artifact=r.artifact,
+                type=r.type,
+                description=r.description,
+                number=r.number,
+                digest=r.digest,
+                size=r.size,
+                file_count=r.file_count,
+                run_id=r.run_id,
+                created_at=r.created_at,
+                aliases=tuple(sorted(by_version.get(r.id, []))),
+            )
+            for r in rows
+        ]
+
+    def version_by_id(self, version_id: int) -> VersionRecord:
+        with self.read() as conn:
+            found = self._version_records(
+                conn, self._version_query().where(t.versions.c.id == version_id)
+            )
+        if not found:
+            raise NotFoundError(f"no version with id {version_id}")
+        return found[0]
+
+    def resolve(self, spec: VersionSpec, default_project: str | None) -> VersionRecord:
+        """The version a ``[project/]name:selector`` names, or NotFoundError listing what exists."""
+        project = spec.project or default_project
+        if project is None:
+            raise NotFoundError(
+                f"artifact reference {spec.name!r} needs a project: write 'project/{spec.name}'"
+            )
+        with self.read() as conn:
+            query = self._version_query().where(
+                t.projects.c.name == project, t.artifacts.c.name == spec.name
+            )
+            number = spec.number
+            if number is not None:
+                query = query.where(t.versions.c.number == number)
+            else:
+                query = query.join(t.aliases, t.aliases.c.version_id == t.versions.c.id).where(
+                    t.aliases.c.alias == spec.selector
+                )
+            found = self._version_records(conn, query)
+        if found:
+            return found[0]
+        existing = self.versions(project, spec.name, must_exist=False)
+        if not existing:
+            artifacts = [a.name for a in self.artifacts(project)]
+            raise NotFoundError(
+                f"no artifact {spec.name!r} in project {project!r}; artifacts there: "
+                f"{', '.join(artifacts) or '(none)'}"
+            )
+        aliases = sorted({a for v in existing for a in v.aliases})
+        raise NotFoundError(
+            f"{project}/{spec.name} has no version {spec.selector!r}; versions: "
+            f"{', '.join(v.version for v in existing)}; aliases: {', '.join(aliases) or '(none)'}"
+        )
+
+    def versions(
+        self, project: str, artifact: str, must_exist: bool = True
+    ) -> list[VersionRecord]:
+        with self.read() as conn:
+            found = self._version_records(
+                conn,
+                self._version_query()
+                .where(t.projects.c.name == project, t.artifacts.c.name == artifact)
+                .order_by(t.versions.c.number),
+            )
+        if not found and must_exist:
+            self.resolve(VersionSpec(project, artifact, "latest"), project)  # raises NotFound
+        return found
+
+    def all_versions(self) -> list[VersionRecord]:
+        with self.read() as conn:
+            return self._version_records(
+                conn,
+                self._version_query().order_by(
+                    t.projects.c.name, t.artifacts.c.name, t.versions.c.number
+                ),
+            )
+
+    def artifacts(self, project: str | None = None) -> list[ArtifactRecord]:
+        query = (
+            sa.select(t.artifacts, t.projects.c.name.label("project"))
+            .join(t.projects, t.projects.c.id == t.artifacts.c.project_id)
+            .order_by(t.projects.c.name, t.artifacts.c.name)
+        )
+        if project is not None:
+            query = query.where(t.projects.c.name == project)
+        with self.read() as conn:
+            return [
+                ArtifactRecord(
+                    r.id, r.project, r.name, r.type, r.description, r.version_count, r.created_at
+                )
+                for r in conn.execute(query)
+            ]
+
+    def lineage(self, version_id: int) -> dict[str, list[RunRecord]]:
+        """Runs that logged and that used a version."""
+        query = (
+            self._run_query()
+            .add_columns(t.lineage.c.direction)
+            .join(t.lineage, t.lineage.c.run_id == t.runs.c.id)
+            .where(t.lineage.c.version_id == version_id)
+            .order_by(t.lineage.c.at)
+        )
+        out: dict[str, list[RunRecord]] = {"logged": [], "used": []}
+        with self.read() as conn:
+            for row in conn.execute(query):
+                out[row.direction].append(_run_record(row))
+        return out
+
+    def run_versions(self, run_id: str) -> dict[str, list[VersionRecord]]:
+        """Versions a run used (inputs) and logged (outputs)."""
+        out: dict[str, list[VersionRecord]] = {}
+        with self.read() as conn:
+            for direction in ("used", "logged"):
+                query = (
+                    self._version_query()
+                    .join(t.lineage, t.lineage.c.version_id == t.versions.c.id)
+                    .where(t.lineage.c.run_id == run_id, t.lineage.c.direction == direction)
+                    .order_by(t.lineage.c.at)
+                )
+                out[direction] = self._version_records(conn, query)
+        return out
+
+
+def _run_record(row: Any) -> RunRecord:
+    return RunRecord(
+        id=row.id,
+        project=row.project,
+        name=row.name,
+        status=row.status,
+        config=row.config,
+        summary=row.summary,
+        started_at=row.started_at,
+        ended_at=row.ended_at,
+        heartbeat_at=row.heartbeat_at,
+        host=row.host,
+        pid=row.pid,
+        pid_started=row.pid_started,
+    )
+
+
+def _insert_ignore(conn: sa.Connection, table: sa.Table, values: dict[str, Any]) -> Any:
+    """INSERT that does nothing when a unique key already exists, on SQLite and PostgreSQL."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(table).values(**values).on_conflict_do_nothing()
+
+
+def _make_engine(url: str) -> sa.Engine:
+    if not url.startswith("sqlite"):
+        return sa.create_engine(url, pool_pre_ping=True)
+    engine = sa.create_engine(url, connect_args={"timeout": 60})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event decide how transactions start (see below).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        # Writers take the lock up front, so two writers never deadlock upgrading read locks;
+        # readers never block anyone in WAL mode.
+        immediate = conn.get_execution_options().get("tessera_write")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine

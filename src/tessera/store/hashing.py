@@ -1,0 +1,73 @@
+"""Content digests: BLAKE3-256, lower-case hex.
+
+One hash pass per file. Large inputs use BLAKE3's own threads; many small files are hashed by a
+thread pool (blake3 releases the GIL while hashing, file reads release it too).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import blake3
+
+ALGORITHM = "blake3"
+DIGEST_HEX_LENGTH = 64
+# Chunks of this size are read, hashed and written in one pass; memory stays bounded by it.
+CHUNK_SIZE = 8 * 1024 * 1024
+# Below this a single-threaded hash is faster than starting BLAKE3's thread pool.
+_THREADED_HASH_MIN = 1024 * 1024
+
+
+def new_hasher() -> blake3.blake3:
+    return blake3.blake3(max_threads=blake3.blake3.AUTO)
+
+
+def hash_bytes(data: bytes | memoryview) -> str:
+    """Digest of ``data``."""
+    if len(data) >= _THREADED_HASH_MIN:
+        return blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest()
+    return blake3.blake3(data).hexdigest()
+
+
+def hash_file(path: str | os.PathLike[str]) -> tuple[str, int]:
+    """Digest and size of the file at ``path``, read in bounded chunks."""
+    hasher = new_hasher()
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        buffer = bytearray(CHUNK_SIZE)
+        view = memoryview(buffer)
+        while n := f.readinto(buffer):
+            hasher.update(view[:n])
+            size += n
+    return hasher.hexdigest(), size
+
+
+def hash_stream(chunks: Iterable[bytes]) -> tuple[str, int]:
+    """Digest and size of the concatenation of ``chunks``."""
+    hasher = new_hasher()
+    size = 0
+    for chunk in chunks:
+        hasher.update(chunk)
+        size += len(chunk)
+    return hasher.hexdigest(), size
+
+
+def is_digest(value: object) -> bool:
+    """True if ``value`` looks like a digest this store names blobs by."""
+    return (
+        isinstance(value, str)
+        and len(value) == DIGEST_HEX_LENGTH
+        and all(c in "0123456789abcdef" for c in value)
+    )
+
+
+def check_digest(value: object) -> str:
+    from tessera.errors import DigestMismatchError
+
+    if not is_digest(value):
+        raise DigestMismatchError(
+            f"{value!r} is not a {ALGORITHM} digest (64 lower-case hex characters)"
+        )
+    assert isinstance(value, str)
+    return value

@@ -1,0 +1,134 @@
+"""Manifests: the content of one artifact version, as canonical JSON.
+
+A manifest maps each path inside the artifact to the digest and size of its bytes (plus optional
+media info, and for references the URI the bytes live at). The version's digest is the BLAKE3 of
+the manifest's canonical bytes, so identical content always gives the identical digest. The exact
+byte format is specified in docs/FORMAT.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from tessera.errors import StoreCorruptError, StoreFormatError
+from tessera.names import check_artifact_path
+from tessera.store.hashing import ALGORITHM, check_digest, hash_bytes
+
+MANIFEST_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of an artifact version."""
+
+    path: str
+    digest: str
+    size: int
+    media: dict[str, Any] | None = None
+    ref: str | None = None  # set for references: the bytes live at this URI, not in the store
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"digest": self.digest, "size": self.size}
+        if self.media:
+            out["media"] = self.media
+        if self.ref is not None:
+            out["ref"] = self.ref
+        return out
+
+    @property
+    def stored(self) -> bool:
+        """True if the bytes are in the blob store (not an external reference)."""
+        return self.ref is None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    files: dict[str, FileEntry]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files.values())
+
+    def stored_digests(self) -> set[str]:
+        """Digests this manifest keeps alive in the blob store."""
+        return {f.digest for f in self.files.values() if f.stored}
+
+    def to_bytes(self) -> bytes:
+        doc: dict[str, Any] = {
+            "files": {path: entry.to_json() for path, entry in self.files.items()},
+            "format": MANIFEST_FORMAT,
+            "hash": ALGORITHM,
+        }
+        if self.metadata:
+            doc["metadata"] = self.metadata
+        return canonical_json(doc)
+
+    def digest(self) -> str:
+        return hash_bytes(self.to_bytes())
+
+    @classmethod
+    def from_bytes(cls, data: bytes, digest: str | None = None) -> Manifest:
+        if digest is not None and hash_bytes(data) != digest:
+            raise StoreCorruptError(
+                f"manifest {digest} does not hash to its name; the store is damaged — "
+                "run `tessera verify`"
+            )
+        try:
+            doc = json.loads(data)
+        except ValueError as e:
+            raise StoreCorruptError(f"manifest {digest} is not valid JSON: {e}") from None
+        if not isinstance(doc, dict):
+            raise StoreCorruptError(f"manifest {digest} is not a JSON object")
+        fmt = doc.get("format")
+        if not isinstance(fmt, int) or fmt > MANIFEST_FORMAT:
+            raise StoreFormatError(
+                f"manifest {digest} has format {fmt!r}; this Tessera reads format "
+                f"{MANIFEST_FORMAT} — upgrade Tessera"
+            )
+        if doc.get("hash") != ALGORITHM:
+            raise StoreFormatError(
+                f"manifest {digest} uses hash {doc.get('hash')!r}; this Tessera knows {ALGORITHM}"
+            )
+        files = {}
+        for path, entry in doc.get("files", {}).items():
+            files[path] = FileEntry(
+                path=path,
+                digest=entry["digest"],
+                size=entry["size"],
+                media=entry.get("media"),
+                ref=entry.get("ref"),
+            )
+        return cls(files=files, metadata=doc.get("metadata", {}))
+
+    @classmethod
+    def build(cls, entries: list[FileEntry], metadata: dict[str, Any] | None = None) -> Manifest:
+        """Validate entries and sort them by path (the canonical order)."""
+        files: dict[str, FileEntry] = {}
+        for entry in sorted(entries, key=lambda e: e.path):
+            check_artifact_path(entry.path)
+            check_digest(entry.digest)
+            files[entry.path] = entry
+        return cls(files=files, metadata=dict(metadata or {}))
+
+
+def canonical_json(value: Any) -> bytes:
+    """UTF-8 JSON with sorted keys, no insignificant white space, and no NaN or infinity."""
+    _check_finite(value)
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def _check_finite(value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{value} cannot be stored in a manifest; use a finite number or null")
+    if isinstance(value, dict):
+        for v in value.values():
+            _check_finite(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            _check_finite(v)

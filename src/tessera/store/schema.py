@@ -1,0 +1,102 @@
+"""The catalog's tables (SQLAlchemy Core). The same definitions serve SQLite and PostgreSQL.
+
+Changes to these tables need an Alembic migration in ``tessera/store/migrations/versions``; the
+migrations, not this module, create the tables (``tests/test_catalog.py`` checks they agree).
+Timestamps are float seconds since the epoch (UTC), which every engine stores and sorts the same.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+metadata = sa.MetaData()
+
+# SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+Json = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+projects = sa.Table(
+    "projects",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(128), nullable=False, unique=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+runs = sa.Table(
+    "runs",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("project_id", BigId, sa.ForeignKey("projects.id"), nullable=False, index=True),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("config", Json, nullable=False),
+    sa.Column("summary", Json, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("ended_at", sa.Float),
+    sa.Column("heartbeat_at", sa.Float, nullable=False),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("pid_started", sa.String(32), nullable=False),
+)
+
+metrics = sa.Table(
+    "metrics",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(32), sa.ForeignKey("runs.id"), nullable=False),
+    sa.Column("step", sa.BigInteger, nullable=False),
+    sa.Column("key", sa.String(256), nullable=False),
+    sa.Column("value", sa.Float),
+    sa.Column("logged_at", sa.Float, nullable=False),
+    sa.Index("ix_metrics_run_key_step", "run_id", "key", "step"),
+)
+
+artifacts = sa.Table(
+    "artifacts",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("project_id", BigId, sa.ForeignKey("projects.id"), nullable=False),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("description", sa.Text),
+    sa.Column("created_at", sa.Float, nullable=False),
+    # Incremented in the same transaction that inserts a version: numbers stay contiguous
+    # under concurrent writers on SQLite and PostgreSQL alike.
+    sa.Column("version_count", sa.Integer, nullable=False, server_default="0"),
+    sa.UniqueConstraint("project_id", "name", name="uq_artifacts_project_name"),
+)
+
+versions = sa.Table(
+    "versions",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("artifact_id", BigId, sa.ForeignKey("artifacts.id"), nullable=False),
+    sa.Column("number", sa.Integer, nullable=False),
+    sa.Column("digest", sa.String(64), nullable=False, index=True),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("file_count", sa.Integer, nullable=False),
+    sa.Column("run_id", sa.String(32), sa.ForeignKey("runs.id")),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("artifact_id", "number", name="uq_versions_artifact_number"),
+    sa.UniqueConstraint("artifact_id", "digest", name="uq_versions_artifact_digest"),
+)
+
+aliases = sa.Table(
+    "aliases",
+    metadata,
+    sa.Column("artifact_id", BigId, sa.ForeignKey("artifacts.id"), primary_key=True),
+    sa.Column("alias", sa.String(128), primary_key=True),
+    sa.Column("version_id", BigId, sa.ForeignKey("versions.id"), nullable=False),
+)
+
+lineage = sa.Table(
+    "lineage",
+    metadata,
+    sa.Column("run_id", sa.String(32), sa.ForeignKey("runs.id"), primary_key=True),
+    sa.Column("version_id", BigId, sa.ForeignKey("versions.id"), primary_key=True),
+    sa.Column("direction", sa.String(8), primary_key=True),  # "used" or "logged"
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Index("ix_lineage_version", "version_id"),
+)

@@ -1,0 +1,93 @@
+"""Remembers the digest of files by (path, size, mtime, inode), so re-logging an unchanged
+folder of 10,000 files re-hashes nothing.
+
+The cache is a small SQLite file next to the catalog. It is only an accelerator: deleting it is
+always safe. A file whose mtime is within ``RACY_WINDOW_NS`` of the moment it was hashed is not
+trusted later (it could have been changed again within the same timestamp tick: git's "racy
+clean" problem), so it is simply hashed again.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+RACY_WINDOW_NS = 100_000_000  # 0.1 s, far above the kernel's timestamp granularity
+
+
+class StatCache:
+    def __init__(self, path: Path):
+        self._path = path
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._db is None:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self._path, timeout=30, isolation_level=None,
+                                 check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, "
+                "mtime_ns INTEGER, inode INTEGER, digest TEXT, hashed_ns INTEGER)"
+            )
+            self._db = db
+        return self._db
+
+    def lookup(self, entries: Iterable[tuple[Path, os.stat_result]]) -> dict[str, str]:
+        """Digests of the files whose path, size, mtime and inode match a trusted entry."""
+        entries = list(entries)
+        if not entries:
+            return {}
+        wanted = {str(p): st for p, st in entries}
+        found: dict[str, str] = {}
+        with self._lock:
+            db = self._connect()
+            keys = list(wanted)
+            for start in range(0, len(keys), 500):
+                batch = keys[start : start + 500]
+                marks = ",".join("?" * len(batch))
+                rows = db.execute(
+                    f"SELECT path, size, mtime_ns, inode, digest, hashed_ns FROM files "
+                    f"WHERE path IN ({marks})",
+                    batch,
+                ).fetchall()
+                for path, size, mtime_ns, inode, digest, hashed_ns in rows:
+                    st = wanted[path]
+                    if (
+                        st.st_size == size
+                        and st.st_mtime_ns == mtime_ns
+                        and st.st_ino == inode
+                        and mtime_ns + RACY_WINDOW_NS < hashed_ns
+                    ):
+                        found[path] = digest
+        return found
+
+    def remember(self, rows: Iterable[tuple[Path, os.stat_result, str, int]]) -> None:
+        """Record (path, stat before hashing, digest, time hashing started)."""
+        values = [
+            (str(p), st.st_size, st.st_mtime_ns, st.st_ino, digest, hashed_ns)
+            for p, st, digest, hashed_ns in rows
+        ]
+        if not values:
+            return
+        with self._lock:
+            db = self._connect()
+            db.execute("BEGIN")
+            db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)", values)
+            db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+
+def now_ns() -> int:
+    return time.time_ns()
