@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import numbers
 import sys
 import threading
@@ -217,10 +218,8 @@ def _flatten_metrics(data: Mapping[str, Any], prefix: str = "") -> dict[str, flo
             continue
         item = getattr(value, "item", None)  # numpy scalars, 0-d arrays, 1-element tensors
         if callable(item) and not isinstance(value, numbers.Number):
-            try:
+            with contextlib.suppress(ValueError, RuntimeError):
                 value = item()
-            except (ValueError, RuntimeError):
-                pass
         if isinstance(value, numbers.Real):
             number = float(value)
             out[name] = number if number == number and abs(number) != float("inf") else None
@@ -253,7 +252,5 @@ def _heartbeat_loop(run_ref: weakref.ref[Run], stop: threading.Event) -> None:
 def _finish_open_runs() -> None:
     failed = getattr(sys, "last_value", None) is not None  # an uncaught exception ended main
     for run in list(_open_runs):
-        try:
+        with contextlib.suppress(Exception):
             run.finish("failed" if failed else "finished")
-        except Exception:
-            pass

@@ -17,7 +17,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -173,10 +173,8 @@ class LocalBlobStore:
             return False
 
     def delete(self, digest: str) -> None:
-        try:
+        with suppress(FileNotFoundError):
             os.unlink(self.path_of(digest))
-        except FileNotFoundError:
-            pass
 
     def temp_files(self) -> Iterator[tuple[Path, float]]:
         """Leftover temporary files (from crashed writers) and their mtimes."""
