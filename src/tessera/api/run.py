@@ -241,10 +241,9 @@ def _heartbeat_loop(run_ref: weakref.ref[Run], stop: threading.Event) -> None:
         run = run_ref()
         if run is None:
             return
-        try:
+        # A missed heartbeat must never disturb the user's program.
+        with contextlib.suppress(Exception):
             run._backend.heartbeat(run.id)
-        except Exception:  # a missed heartbeat must never disturb the user's program
-            pass
         del run
 
 

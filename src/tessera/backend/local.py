@@ -70,9 +70,10 @@ class LocalBackend:
         """Mark runs whose process is gone (or silent too long) as crashed; return them."""
         crashed = []
         for record in self.catalog.runs(status="running"):
-            if not runtime.run_is_alive(record):
-                if self.catalog.finish_run(record.id, "crashed", only_if_running=True):
-                    crashed.append(record)
+            if not runtime.run_is_alive(record) and self.catalog.finish_run(
+                record.id, "crashed", only_if_running=True
+            ):
+                crashed.append(record)
         return crashed
 
     # -- artifacts ---------------------------------------------------------------------------
