@@ -45,8 +45,9 @@ class Bar:
 
 
 @contextmanager
-def bar(description: str, total: float | None, *, bytes: bool = False, show: bool = True
-        ) -> Iterator[Bar]:
+def bar(
+    description: str, total: float | None, *, bytes: bool = False, show: bool = True
+) -> Iterator[Bar]:
     """A progress bar over ``total`` items (or bytes), shown only if ``show`` and enabled()."""
     if not (show and enabled()):
         yield Bar(None, None)

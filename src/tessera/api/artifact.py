@@ -257,7 +257,9 @@ class ArtifactVersion:
         partial file. With ``link=True``, stored blobs are hard-linked instead of copied where
         the file system allows (the links share bytes with the store: do not edit them in place).
         """
-        target = Path(root) if root is not None else Path("artifacts") / f"{self.name}-{self.version}"
+        target = (
+            Path(root) if root is not None else Path("artifacts") / f"{self.name}-{self.version}"
+        )
         target = target.absolute()
         entries = self.files()
         total = sum(e.size for e in entries)

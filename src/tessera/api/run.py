@@ -94,8 +94,9 @@ class Run:
             self.summary._data.update(values)
             self._backend.log_metrics(self.id, step, values, self.summary._data)
 
-    def log_artifact(self, artifact: Artifact, aliases: tuple[str, ...] | list[str] = ()
-                     ) -> ArtifactVersion:
+    def log_artifact(
+        self, artifact: Artifact, aliases: tuple[str, ...] | list[str] = ()
+    ) -> ArtifactVersion:
         """Store an artifact's files and record a new version (or return the identical one)."""
         self._check_open()
         if not isinstance(artifact, Artifact):

@@ -195,4 +195,3 @@ def _ingest(sources: list[Source], batch: LocalWriteBatch, store: Store) -> list
         entries = list(pool.map(digest_one, sources))
     store.stat_cache.remember(remembered)
     return entries
-

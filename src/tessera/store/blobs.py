@@ -39,7 +39,9 @@ class BlobWriter(Protocol):
     def reuse(self, digest: str) -> bool: ...
     def put_bytes(self, data: bytes | memoryview, digest: str | None = None) -> str: ...
     def put_file(self, path: str | os.PathLike[str]) -> tuple[str, int]: ...
-    def put_stream(self, chunks: Iterable[bytes], expected: str | None = None) -> tuple[str, int]: ...
+    def put_stream(
+        self, chunks: Iterable[bytes], expected: str | None = None
+    ) -> tuple[str, int]: ...
 
 
 class BlobStore(Protocol):
@@ -269,7 +271,6 @@ class LocalWriteBatch:
                 return True
         return self._store.touch(digest)
 
-
     def _stage(self, digest: str, temp: Path) -> None:
         with self._lock:
             if digest in self._pending:
@@ -345,5 +346,3 @@ def _make_durable(directory: Path, files: list[Path]) -> None:
 def blob_age_ok(info: BlobInfo, grace_seconds: float, now: float | None = None) -> bool:
     """True if the blob is older than the grace period (so gc may reclaim it if unreferenced)."""
     return (now if now is not None else time.time()) - info.mtime > grace_seconds
-
-

@@ -166,7 +166,9 @@ class Catalog:
         if found is not None:
             return found
         conn.execute(_insert_ignore(conn, t.projects, {"name": name, "created_at": time.time()}))
-        return conn.execute(sa.select(t.projects.c.id).where(t.projects.c.name == name)).scalar_one()
+        return conn.execute(
+            sa.select(t.projects.c.id).where(t.projects.c.name == name)
+        ).scalar_one()
 
     def projects(self) -> list[ProjectRecord]:
         runs = (
@@ -188,8 +190,11 @@ class Catalog:
                 for r in conn.execute(query)
             ]
 
-    def project_id(self, conn: sa.Connection, name: str) -> int:
-        found = conn.execute(sa.select(t.projects.c.id).where(t.projects.c.name == name)).scalar()
+    def project_id_or_raise(self, name: str) -> int:
+        with self.read() as conn:
+            found = conn.execute(
+                sa.select(t.projects.c.id).where(t.projects.c.name == name)
+            ).scalar()
         if found is None:
             existing = [p.name for p in self.projects()]
             raise NotFoundError(
@@ -365,12 +370,15 @@ class Catalog:
             ).scalar()
             created = existing is None
             if created:
-                number = conn.execute(
-                    t.artifacts.update()
-                    .where(t.artifacts.c.id == artifact.id)
-                    .values(version_count=t.artifacts.c.version_count + 1)
-                    .returning(t.artifacts.c.version_count)
-                ).scalar_one() - 1
+                number = (
+                    conn.execute(
+                        t.artifacts.update()
+                        .where(t.artifacts.c.id == artifact.id)
+                        .values(version_count=t.artifacts.c.version_count + 1)
+                        .returning(t.artifacts.c.version_count)
+                    ).scalar_one()
+                    - 1
+                )
                 version_id = conn.execute(
                     t.versions.insert()
                     .values(
@@ -393,7 +401,9 @@ class Catalog:
                 self._link(conn, run_id, version_id, "logged")
         return self.version_by_id(version_id), created
 
-    def _set_alias(self, conn: sa.Connection, artifact_id: int, alias: str, version_id: int) -> None:
+    def _set_alias(
+        self, conn: sa.Connection, artifact_id: int, alias: str, version_id: int
+    ) -> None:
         conn.execute(
             t.aliases.delete().where(
                 t.aliases.c.artifact_id == artifact_id, t.aliases.c.alias == alias
@@ -408,8 +418,12 @@ class Catalog:
             _insert_ignore(
                 conn,
                 t.lineage,
-                {"run_id": run_id, "version_id": version_id, "direction": direction,
-                 "at": time.time()},
+                {
+                    "run_id": run_id,
+                    "version_id": version_id,
+                    "direction": direction,
+                    "at": time.time(),
+                },
             )
         )
 
@@ -512,9 +526,7 @@ class Catalog:
             f"{', '.join(v.version for v in existing)}; aliases: {', '.join(aliases) or '(none)'}"
         )
 
-    def versions(
-        self, project: str, artifact: str, must_exist: bool = True
-    ) -> list[VersionRecord]:
+    def versions(self, project: str, artifact: str, must_exist: bool = True) -> list[VersionRecord]:
         with self.read() as conn:
             found = self._version_records(
                 conn,
