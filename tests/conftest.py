@@ -38,3 +38,21 @@ def make_files(root: Path, count: int, size: int = 1000, seed: int = 0) -> Path:
 def blob_files(store: Path) -> list[Path]:
     """Every blob file on disk (what the store really holds)."""
     return [p for p in (store / "blobs").rglob("*") if p.is_file()]
+
+
+def store_state(store: Path) -> dict[str, object]:
+    """What a failed operation must leave unchanged: catalog rows (but run heartbeats and
+    summaries, which move on their own) and the set of blob files."""
+    import sqlite3
+
+    db = sqlite3.connect(store / "catalog.db")
+    try:
+        state: dict[str, object] = {
+            table: sorted(map(repr, db.execute(f"SELECT * FROM {table}").fetchall()))
+            for table in ("projects", "artifacts", "versions", "aliases", "lineage", "metrics")
+        }
+        state["runs"] = sorted(db.execute("SELECT id, name, status, config FROM runs").fetchall())
+    finally:
+        db.close()
+    state["blobs"] = sorted(p.name for p in blob_files(store))
+    return state

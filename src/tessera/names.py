@@ -96,9 +96,15 @@ def parse_version_spec(spec: object) -> VersionSpec:
     if "/" in rest:
         project, rest = rest.split("/", 1)
         check_name(project, "project")
-    name, _, selector = rest.partition(":")
+    name, colon, selector = rest.partition(":")
     check_name(name, "artifact")
+    if colon and not selector:
+        raise InvalidNameError(
+            f"{spec!r} ends with ':'; write {name}:v0, {name}:latest or an alias"
+        )
     selector = selector or "latest"
     if not _VERSION.match(selector):
+        if re.match(r"^v[0-9]+$", selector):
+            raise InvalidNameError(f"{selector!r} is not a version number; write v0, v1, v2, …")
         check_name(selector, "alias")
     return VersionSpec(project=project, name=name, selector=selector)

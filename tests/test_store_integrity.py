@@ -1,0 +1,133 @@
+"""Store format checks, corruption by hand, verify and gc."""
+
+import json
+import os
+import sqlite3
+import time
+
+import pytest
+
+import tessera
+from conftest import blob_files, make_files
+from tessera.errors import StoreCorruptError, StoreFormatError
+from tessera.store import Store
+from tessera.store.maintenance import gc, verify
+
+
+def _log(store_dir, src, name="data", project="p"):
+    with tessera.init(project=project, dir=store_dir) as run:
+        art = tessera.Artifact(name, type="dataset")
+        art.add_dir(src)
+        return run.log_artifact(art)
+
+
+def _age(path, seconds):
+    past = time.time() - seconds
+    os.utime(path, (past, past))
+
+
+def test_newer_store_format_is_refused(store_dir):
+    tessera.init(project="p", dir=store_dir).finish()
+    (store_dir / "tessera.json").write_text(json.dumps({"format": 99}))
+    with pytest.raises(StoreFormatError, match="format 99.*upgrade Tessera"):
+        tessera.open_store(store_dir)
+
+
+def test_newer_catalog_revision_is_refused(store_dir):
+    tessera.init(project="p", dir=store_dir).finish()
+    db = sqlite3.connect(store_dir / "catalog.db")
+    db.execute("UPDATE alembic_version SET version_num = '9999'")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreFormatError, match="revision 9999.*newer Tessera"):
+        tessera.open_store(store_dir)
+
+
+def test_garbage_marker_and_garbage_catalog(store_dir):
+    tessera.init(project="p", dir=store_dir).finish()
+    (store_dir / "catalog.db-wal").unlink(missing_ok=True)
+    (store_dir / "catalog.db").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreCorruptError, match="catalog.*damaged"):
+        tessera.open_store(store_dir)
+    (store_dir / "tessera.json").write_text("{not json")
+    with pytest.raises(StoreFormatError, match="not a Tessera store marker"):
+        tessera.open_store(store_dir)
+
+
+def test_store_path_that_is_a_file(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(StoreFormatError, match="not a folder"):
+        tessera.init(project="p", dir=target)
+
+
+def test_verify_finds_damaged_missing_and_stray_blobs(tmp_path, store_dir):
+    v = _log(store_dir, make_files(tmp_path / "src", 5))
+    store = Store.open(store_dir)
+    assert verify(store).ok
+    files = v.files()
+    damaged = store.blobs.path_of(files[0].digest)
+    os.chmod(damaged, 0o644)
+    damaged.write_bytes(b"flipped")
+    store.blobs.path_of(files[1].digest).unlink()
+    (damaged.parent / "stray.txt").write_text("?")
+    report = verify(store)
+    text = "\n".join(report.problems)
+    assert f"{files[0].digest} is damaged" in text
+    assert f"{files[0].path}: blob {files[0].digest} has 7 bytes" in text
+    assert f"{files[1].path}: blob {files[1].digest} is missing" in text
+    assert "stray file 'stray.txt'" in text
+    with pytest.raises(StoreCorruptError, match="missing"):
+        v.read_bytes(files[1].path)
+    store.close()
+
+
+def test_verify_finds_missing_manifest(tmp_path, store_dir):
+    v = _log(store_dir, make_files(tmp_path / "src", 2))
+    store = Store.open(store_dir)
+    store.blobs.path_of(v.digest).unlink()
+    report = verify(store)
+    assert report.problems == [f"p/data:v0: manifest blob {v.digest} is missing"]
+    with pytest.raises(StoreCorruptError, match="Nothing was deleted"):
+        gc(store, 0)
+    store.close()
+
+
+def test_gc_deletes_only_old_unreferenced_blobs(tmp_path, store_dir):
+    src = make_files(tmp_path / "src", 4)
+    v = _log(store_dir, src)
+    store = Store.open(store_dir)
+    kept = {p.name for p in blob_files(store_dir)}
+    orphan_old = store.blobs.put_bytes(b"nobody refers to me")
+    orphan_young = store.blobs.put_bytes(b"nor to me, but I am new")
+    _age(store.blobs.path_of(orphan_old), 7200)
+    for p in blob_files(store_dir):  # referenced blobs are old too: age must not matter
+        if p.name in kept:
+            _age(p, 7200)
+    temp = store.blobs.tmp_dir / "leftover.tmp"
+    temp.write_bytes(b"half a blob")
+    _age(temp, 7200)
+
+    dry = gc(store, 3600, dry_run=True)
+    assert (dry.deleted_blobs, dry.young_garbage, dry.deleted_temp_files) == (1, 1, 1)
+    assert store.blobs.has(orphan_old) and temp.exists()
+
+    report = gc(store, 3600)
+    assert report.deleted_blobs == 1 and report.deleted_bytes == len(b"nobody refers to me")
+    assert report.kept_blobs == len(kept)
+    assert not store.blobs.has(orphan_old) and store.blobs.has(orphan_young)
+    assert not temp.exists()
+    assert verify(store).ok
+    assert v.download(tmp_path / "dl").is_dir()
+    store.close()
+
+
+def test_reusing_an_old_orphan_renews_it_so_gc_keeps_it(tmp_path, store_dir):
+    src = make_files(tmp_path / "src", 1)
+    store = Store.open(store_dir, create=True)
+    (only,) = list(src.rglob("*.bin"))
+    digest, _ = store.blobs.put_file(only)
+    _age(store.blobs.path_of(digest), 7200)  # an old orphan, e.g. from a crashed run
+    _log(store_dir, src)  # now referenced again, the blob is reused, not rewritten
+    assert time.time() - store.blobs.path_of(digest).stat().st_mtime < 60
+    store.close()
