@@ -19,6 +19,7 @@ from tessera.jsonvalues import to_json
 from tessera.names import check_alias, parse_version_spec
 from tessera.runtime import HEARTBEAT_SECONDS
 from tessera.store.catalog import RunRecord
+from tessera.store.manifest import Manifest
 
 
 class Run:
@@ -108,9 +109,9 @@ class Run:
             raise ValueError(
                 f"artifact {artifact.name!r} has no files; add some with add_file or add_dir"
             )
-        manifest, digest = self._backend.store_files(
-            list(artifact._sources.values()), artifact.metadata
-        )
+        entries = self._backend.upload(list(artifact._sources.values()))
+        manifest = Manifest.build(entries, artifact.metadata)
+        digest = self._backend.put_manifest(manifest)
         record, _created = self._backend.commit_version(
             project=self.project,
             name=artifact.name,

@@ -11,8 +11,16 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from tessera.names import VersionSpec
-from tessera.store.catalog import ArtifactRecord, ProjectRecord, RunRecord, VersionRecord
-from tessera.store.manifest import Manifest
+from tessera.store.catalog import (
+    ArtifactRecord,
+    ProjectRecord,
+    RunRecord,
+    SampleMatch,
+    SampleRow,
+    TableRow,
+    VersionRecord,
+)
+from tessera.store.manifest import FileEntry, Manifest
 
 
 @dataclass(frozen=True)
@@ -41,9 +49,8 @@ class Backend(Protocol):
     def mark_stale_runs(self) -> list[RunRecord]: ...
 
     # artifacts
-    def store_files(
-        self, sources: list[Source], metadata: dict[str, Any] | None = None
-    ) -> tuple[Manifest, str]: ...
+    def upload(self, sources: list[Source]) -> list[FileEntry]: ...
+    def put_manifest(self, manifest: Manifest) -> str: ...
     def commit_version(
         self,
         *,
@@ -55,7 +62,15 @@ class Backend(Protocol):
         digest: str,
         run_id: str | None,
         aliases: tuple[str, ...] = (),
+        samples: list[SampleRow] | None = None,
+        table: TableRow | None = None,
     ) -> tuple[VersionRecord, bool]: ...
+    def version_by_id(self, version_id: int) -> VersionRecord: ...
+    def find_samples(
+        self, digests: list[str], pixels: list[str]
+    ) -> tuple[dict[str, SampleMatch], dict[str, SampleMatch]]: ...
+    def table_row(self, version_id: int) -> TableRow | None: ...
+    def run_tables(self, run_id: str) -> list[tuple[VersionRecord, TableRow]]: ...
     def resolve(self, spec: VersionSpec, default_project: str | None) -> VersionRecord: ...
     def record_use(self, run_id: str, version_id: int) -> None: ...
     def read_manifest(self, digest: str) -> Manifest: ...

@@ -14,7 +14,15 @@ from tessera.errors import NotFoundError
 from tessera.names import VersionSpec
 from tessera.store import Store
 from tessera.store.blobs import LocalWriteBatch
-from tessera.store.catalog import ArtifactRecord, ProjectRecord, RunRecord, VersionRecord
+from tessera.store.catalog import (
+    ArtifactRecord,
+    ProjectRecord,
+    RunRecord,
+    SampleMatch,
+    SampleRow,
+    TableRow,
+    VersionRecord,
+)
 from tessera.store.hashing import hash_file
 from tessera.store.manifest import FileEntry, Manifest
 from tessera.store.statcache import now_ns
@@ -78,19 +86,17 @@ class LocalBackend:
 
     # -- artifacts ---------------------------------------------------------------------------
 
-    def store_files(
-        self, sources: list[Source], metadata: dict[str, Any] | None = None
-    ) -> tuple[Manifest, str]:
-        """Store every source's bytes and the manifest; return the manifest and its digest.
+    def upload(self, sources: list[Source]) -> list[FileEntry]:
+        """Store the bytes of every source but references; return their entries.
 
-        Everything is written in one blob batch, so it becomes durable with one sync and
-        visible (under digest names) only once complete.
+        Written in one blob batch: durable with one sync, visible under digest names only once
+        complete.
         """
         with self.store.blobs.batch() as batch:
-            entries = _ingest(sources, batch, self.store)
-            manifest = Manifest.build(entries, metadata)
-            digest = batch.put_bytes(manifest.to_bytes())
-        return manifest, digest
+            return _ingest(sources, batch, self.store)
+
+    def put_manifest(self, manifest: Manifest) -> str:
+        return self.store.blobs.put_bytes(manifest.to_bytes())
 
     def commit_version(
         self,
@@ -103,6 +109,8 @@ class LocalBackend:
         digest: str,
         run_id: str | None,
         aliases: tuple[str, ...] = (),
+        samples: list[SampleRow] | None = None,
+        table: TableRow | None = None,
     ) -> tuple[VersionRecord, bool]:
         return self.catalog.commit_version(
             project=project,
@@ -114,10 +122,26 @@ class LocalBackend:
             file_count=len(manifest.files),
             run_id=run_id,
             aliases=aliases,
+            samples=samples,
+            table=table,
         )
 
     def resolve(self, spec: VersionSpec, default_project: str | None) -> VersionRecord:
         return self.catalog.resolve(spec, default_project)
+
+    def version_by_id(self, version_id: int) -> VersionRecord:
+        return self.catalog.version_by_id(version_id)
+
+    def find_samples(
+        self, digests: list[str], pixels: list[str]
+    ) -> tuple[dict[str, SampleMatch], dict[str, SampleMatch]]:
+        return self.catalog.find_samples(digests, pixels)
+
+    def table_row(self, version_id: int) -> TableRow | None:
+        return self.catalog.table_row(version_id)
+
+    def run_tables(self, run_id: str) -> list[tuple[VersionRecord, TableRow]]:
+        return self.catalog.run_tables(run_id)
 
     def record_use(self, run_id: str, version_id: int) -> None:
         self.catalog.record_use(run_id, version_id)

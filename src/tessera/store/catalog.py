@@ -29,7 +29,7 @@ from tessera.names import VersionSpec
 from tessera.store import schema as t
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
-HEAD_REVISION = "0001"  # keep equal to the newest file in migrations/versions
+HEAD_REVISION = "0002"  # keep equal to the newest file in migrations/versions
 RUN_STATUSES = ("running", "finished", "failed", "crashed")
 
 
@@ -80,6 +80,32 @@ class VersionRecord:
     @property
     def spec(self) -> str:
         return f"{self.project}/{self.artifact}:v{self.number}"
+
+
+@dataclass(frozen=True)
+class SampleRow:
+    """One image of a dataset version, as the sample index keeps it."""
+
+    sample_id: str
+    digest: str
+    pixels: str
+
+
+@dataclass(frozen=True)
+class SampleMatch:
+    """Where an image is stored already: a sample of a dataset version."""
+
+    version_id: int
+    sample_id: str
+    digest: str
+
+
+@dataclass(frozen=True)
+class TableRow:
+    name: str
+    kind: str  # "table" or "predictions"
+    dataset_version_id: int | None
+    num_rows: int
 
 
 @dataclass(frozen=True)
@@ -322,11 +348,15 @@ class Catalog:
         file_count: int,
         run_id: str | None,
         aliases: tuple[str, ...] = (),
+        samples: list[SampleRow] | None = None,
+        table: TableRow | None = None,
     ) -> tuple[VersionRecord, bool]:
         """Record a version whose blobs and manifest are already stored.
 
         Returns the version and whether it is new. Content identical to an existing version of
-        the same artifact returns that version (its aliases still move as asked).
+        the same artifact returns that version (its aliases still move as asked). ``samples``
+        (a dataset's images) and ``table`` (a table's description) are recorded with a new
+        version, in the same transaction.
         """
         now = time.time()
         with self.write() as conn:
@@ -393,6 +423,30 @@ class Catalog:
                     .returning(t.versions.c.id)
                 ).scalar_one()
                 self._set_alias(conn, artifact.id, "latest", version_id)
+                if samples:
+                    for start in range(0, len(samples), 50_000):
+                        conn.execute(
+                            t.samples_index.insert(),
+                            [
+                                {
+                                    "version_id": version_id,
+                                    "sample_id": s.sample_id,
+                                    "digest": s.digest,
+                                    "pixels": s.pixels,
+                                }
+                                for s in samples[start : start + 50_000]
+                            ],
+                        )
+                if table is not None:
+                    conn.execute(
+                        t.tables.insert().values(
+                            version_id=version_id,
+                            name=table.name,
+                            kind=table.kind,
+                            dataset_version_id=table.dataset_version_id,
+                            num_rows=table.num_rows,
+                        )
+                    )
             else:
                 version_id = existing
             for alias in aliases:
@@ -577,6 +631,58 @@ class Catalog:
             for row in conn.execute(query):
                 out[row.direction].append(_run_record(row))
         return out
+
+    def find_samples(
+        self, digests: list[str], pixels: list[str]
+    ) -> tuple[dict[str, SampleMatch], dict[str, SampleMatch]]:
+        """Dataset samples whose image has one of these content digests, or pixel digests.
+
+        Where several samples match, the newest dataset version wins.
+        """
+        by_digest: dict[str, SampleMatch] = {}
+        by_pixels: dict[str, SampleMatch] = {}
+        ix = t.samples_index
+        with self.read() as conn:
+            for column, wanted, out in (
+                (ix.c.digest, digests, by_digest),
+                (ix.c.pixels, pixels, by_pixels),
+            ):
+                unique = sorted(set(wanted))
+                for start in range(0, len(unique), 500):
+                    query = (
+                        sa.select(ix.c.version_id, ix.c.sample_id, ix.c.digest, column)
+                        .where(column.in_(unique[start : start + 500]))
+                        .order_by(ix.c.version_id)
+                    )
+                    for row in conn.execute(query):
+                        out[row[3]] = SampleMatch(row.version_id, row.sample_id, row.digest)
+        return by_digest, by_pixels
+
+    def table_row(self, version_id: int) -> TableRow | None:
+        with self.read() as conn:
+            row = conn.execute(
+                sa.select(t.tables).where(t.tables.c.version_id == version_id)
+            ).first()
+        if row is None:
+            return None
+        return TableRow(row.name, row.kind, row.dataset_version_id, row.num_rows)
+
+    def run_tables(self, run_id: str) -> list[tuple[VersionRecord, TableRow]]:
+        """The tables a run logged, oldest first."""
+        with self.read() as conn:
+            rows = conn.execute(
+                sa.select(t.tables, t.lineage.c.at)
+                .join(t.lineage, t.lineage.c.version_id == t.tables.c.version_id)
+                .where(t.lineage.c.run_id == run_id, t.lineage.c.direction == "logged")
+                .order_by(t.lineage.c.at)
+            ).all()
+        return [
+            (
+                self.version_by_id(r.version_id),
+                TableRow(r.name, r.kind, r.dataset_version_id, r.num_rows),
+            )
+            for r in rows
+        ]
 
     def run_versions(self, run_id: str) -> dict[str, list[VersionRecord]]:
         """Versions a run used (inputs) and logged (outputs)."""

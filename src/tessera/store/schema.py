@@ -100,3 +100,27 @@ lineage = sa.Table(
     sa.Column("at", sa.Float, nullable=False),
     sa.Index("ix_lineage_version", "version_id"),
 )
+
+# Every image of every dataset version, by content digest and by pixel digest: how an Image
+# cell logged later finds the stored original (migration 0002).
+samples_index = sa.Table(
+    "samples_index",
+    metadata,
+    sa.Column("version_id", BigId, sa.ForeignKey("versions.id"), primary_key=True),
+    sa.Column("sample_id", sa.String(512), primary_key=True),
+    sa.Column("digest", sa.String(64), nullable=False),
+    sa.Column("pixels", sa.String(64), nullable=False),
+    sa.Index("ix_samples_index_digest", "digest"),
+    sa.Index("ix_samples_index_pixels", "pixels"),
+)
+
+# What a table version is: its name, kind, row count and the dataset version it is bound to.
+tables = sa.Table(
+    "tables",
+    metadata,
+    sa.Column("version_id", BigId, sa.ForeignKey("versions.id"), primary_key=True),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),  # "table" or "predictions"
+    sa.Column("dataset_version_id", BigId, sa.ForeignKey("versions.id"), index=True),
+    sa.Column("num_rows", sa.BigInteger, nullable=False),
+)

@@ -1,0 +1,205 @@
+"""Images in, pixels and bytes out: one canonical form for every kind of image a user holds.
+
+A path, a PIL image, a numpy array (HW / HWC, uint8 or float in [0, 1]) and a torch tensor (CHW)
+all become one canonical uint8 (or uint16) array. Its *pixel digest* — BLAKE3 over a small header
+(shape, dtype) and the pixels — is what lets ``Image(np.asarray(PIL.Image.open(path)))`` resolve
+to the stored original file: the dataset recorded the same digest when it decoded that file.
+Encoding is lossless and deterministic (PNG), so identical arrays give identical blobs.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import blake3
+import numpy as np
+from PIL import Image as PILImage
+
+from tessera.errors import TesseraError
+
+# Decompression bombs: refuse images over ~180 megapixels (Pillow raises above 2x its limit).
+PILImage.MAX_IMAGE_PIXELS = 90_000_000
+_PIXEL_HEADER = b"tessera-pixels-v1\0"
+
+
+class ImageError(TesseraError, ValueError):
+    """An image input that cannot be read or understood."""
+
+
+@dataclass(frozen=True)
+class Pixels:
+    """Canonical pixels: uint8 HW / HWC (C = 3 or 4), or uint16 HW; and how they were made."""
+
+    array: np.ndarray
+    scaled: tuple[float, float] | None = None  # (min, max) if a float array was min-max scaled
+
+    @property
+    def height(self) -> int:
+        return int(self.array.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.array.shape[1])
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.array.ndim == 2 else int(self.array.shape[2])
+
+    def digest(self) -> str:
+        return pixel_digest(self.array)
+
+    def encode_png(self) -> bytes:
+        """Lossless, deterministic PNG bytes (no timestamps or other metadata)."""
+        buffer = io.BytesIO()
+        image = PILImage.fromarray(self.array)
+        image.save(buffer, format="PNG", compress_level=6)
+        return buffer.getvalue()
+
+    def media(self, fmt: str = "png") -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "kind": "image",
+            "format": fmt,
+            "width": self.width,
+            "height": self.height,
+            "channels": self.channels,
+            "pixels": self.digest(),
+        }
+        if self.array.dtype != np.uint8:
+            info["dtype"] = str(self.array.dtype)
+        if self.scaled is not None:
+            info["scaled"] = list(self.scaled)
+        return info
+
+
+def pixel_digest(array: np.ndarray) -> str:
+    header = f"{'x'.join(map(str, array.shape))}:{array.dtype.str}\0".encode()
+    hasher = blake3.blake3(_PIXEL_HEADER)
+    hasher.update(header)
+    hasher.update(np.ascontiguousarray(array).data)
+    return hasher.hexdigest()
+
+
+def is_path_like(value: object) -> bool:
+    return isinstance(value, str | os.PathLike)
+
+
+def canonical_pixels(value: Any, *, chw: bool | None = None) -> Pixels:
+    """The canonical pixels of a PIL image, numpy array or torch tensor.
+
+    ``chw``: whether a 3-D array is channels-first. Default: True for torch tensors (their
+    convention), False for numpy arrays.
+    """
+    if isinstance(value, PILImage.Image):
+        return _from_array(np.asarray(value), chw=False)
+    module = type(value).__module__
+    if module.startswith("torch"):
+        array = value.detach().cpu().numpy()
+        return _from_array(array, chw=True if chw is None else chw)
+    if isinstance(value, np.ndarray):
+        return _from_array(value, chw=bool(chw))
+    raise ImageError(
+        f"cannot use a {type(value).__name__} as an image; pass a file path, a PIL image, "
+        "a numpy array (HW or HWC) or a torch tensor (CHW)"
+    )
+
+
+def _from_array(array: np.ndarray, chw: bool) -> Pixels:
+    if array.ndim == 3 and chw:
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise ImageError(
+            f"an image array must be HW, HWC with 1, 3 or 4 channels (or CHW for tensors); "
+            f"got shape {tuple(array.shape)}"
+        )
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ImageError(f"an image needs at least one pixel; got shape {tuple(array.shape)}")
+    scaled = None
+    if array.dtype == np.uint8:
+        pass
+    elif array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ImageError("an image array contains NaN or infinity")
+        low, high = float(array.min()), float(array.max())
+        if low >= 0.0 and high <= 1.0:
+            # Exact for arrays made as uint8 / 255 (e.g. torchvision's ToTensor).
+            array = np.rint(array.astype(np.float64) * 255.0).astype(np.uint8)
+        else:  # normalised data: stretch to the full 8-bit range, and remember how
+            span = high - low or 1.0
+            array = np.rint((array.astype(np.float64) - low) * (255.0 / span)).astype(np.uint8)
+            scaled = (low, high)
+    elif np.issubdtype(array.dtype, np.integer):
+        low, high = int(array.min()), int(array.max())
+        if low >= 0 and high <= 255:
+            array = array.astype(np.uint8)
+        elif low >= 0 and high <= 65535 and array.ndim == 2:
+            array = array.astype(np.uint16)
+        else:
+            span = (high - low) or 1
+            array = np.rint((array.astype(np.float64) - low) * (255.0 / span)).astype(np.uint8)
+            scaled = (float(low), float(high))
+    else:
+        raise ImageError(f"cannot make an image of dtype {array.dtype}")
+    return Pixels(np.ascontiguousarray(array), scaled)
+
+
+@dataclass(frozen=True)
+class FileImage:
+    """What decoding an image file tells: its size, format and the pixel digest."""
+
+    width: int
+    height: int
+    channels: int
+    format: str
+    pixels: str
+
+    def media(self) -> dict[str, Any]:
+        return {
+            "kind": "image",
+            "format": self.format,
+            "width": self.width,
+            "height": self.height,
+            "channels": self.channels,
+            "pixels": self.pixels,
+        }
+
+
+def open_image(source: str | os.PathLike[str] | bytes) -> PILImage.Image:
+    """Open and fully decode an image, with errors that name the file."""
+    name = "image bytes" if isinstance(source, bytes) else str(source)
+    try:
+        image = PILImage.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        image.load()
+        return image
+    except FileNotFoundError:
+        raise ImageError(f"no image file at {name}") from None
+    except PILImage.DecompressionBombError as e:
+        raise ImageError(f"{name} is too large to decode safely ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{name} is not a readable image ({e})") from None
+
+
+def probe_file(path: str | os.PathLike[str]) -> FileImage:
+    """Decode an image file once: size, format and the pixel digest of ``np.asarray(image)``."""
+    image = open_image(path)
+    pixels = canonical_pixels(image)
+    fmt = (image.format or Path(path).suffix.lstrip(".") or "unknown").lower()
+    return FileImage(pixels.width, pixels.height, pixels.channels, fmt, pixels.digest())
+
+
+def file_extension(fmt: str) -> str:
+    return {
+        "jpeg": ".jpg",
+        "png": ".png",
+        "gif": ".gif",
+        "webp": ".webp",
+        "bmp": ".bmp",
+        "tiff": ".tif",
+    }.get(fmt, f".{fmt}")
