@@ -76,7 +76,13 @@ def test_verify_finds_damaged_missing_and_stray_blobs(tmp_path, store_dir):
     assert f"{files[0].digest} is damaged" in text
     assert f"{files[0].path}: blob {files[0].digest} has 7 bytes" in text
     assert f"{files[1].path}: blob {files[1].digest} is missing" in text
-    assert "stray file 'stray.txt'" in text
+    assert f"stray file '{damaged.parent.parent.name}/{damaged.parent.name}/stray.txt'" in text
+    misplaced = store.blobs.path_of(files[2].digest)
+    misplaced.rename(damaged.parent / misplaced.name)  # a valid digest in the wrong shard
+    report = verify(store)
+    assert any("stray file" in p and files[2].digest in p for p in report.problems)
+    assert any(f"blob {files[2].digest} is missing" in p for p in report.problems)
+    assert gc(store, 0, dry_run=True).deleted_blobs == 0  # stray files are not gc's to delete
     with pytest.raises(StoreCorruptError, match="missing"):
         v.read_bytes(files[1].path)
     store.close()

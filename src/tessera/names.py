@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from tessera.errors import InvalidNameError, InvalidPathError
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_VERSION = re.compile(r"^v(0|[1-9][0-9]*)$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_VERSION = re.compile(r"v(0|[1-9][0-9]*)")
 MAX_PATH_LENGTH = 1024
 
 
@@ -20,7 +20,7 @@ def check_name(name: object, what: str) -> str:
     """Return ``name`` if it is a valid project/artifact/run name, else raise InvalidNameError."""
     if not isinstance(name, str):
         raise InvalidNameError(f"{what} name must be a string, got {type(name).__name__}")
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise InvalidNameError(
             f"invalid {what} name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -32,7 +32,7 @@ def check_alias(alias: object) -> str:
     """Aliases follow the name rules but may not look like a version number (`v3`)."""
     check_name(alias, "alias")
     assert isinstance(alias, str)
-    if _VERSION.match(alias):
+    if re.fullmatch(r"v[0-9]+", alias):
         raise InvalidNameError(
             f"invalid alias {alias!r}: names like 'v3' are version numbers; pick another alias"
         )
@@ -77,7 +77,7 @@ class VersionSpec:
     @property
     def number(self) -> int | None:
         """The version number if the selector is ``vN``, else None."""
-        match = _VERSION.match(self.selector)
+        match = _VERSION.fullmatch(self.selector)
         return int(match.group(1)) if match else None
 
     def __str__(self) -> str:
@@ -103,8 +103,8 @@ def parse_version_spec(spec: object) -> VersionSpec:
             f"{spec!r} ends with ':'; write {name}:v0, {name}:latest or an alias"
         )
     selector = selector or "latest"
-    if not _VERSION.match(selector):
-        if re.match(r"^v[0-9]+$", selector):
+    if not _VERSION.fullmatch(selector):
+        if re.fullmatch(r"v[0-9]+", selector):
             raise InvalidNameError(f"{selector!r} is not a version number; write v0, v1, v2, …")
         check_name(selector, "alias")
     return VersionSpec(project=project, name=name, selector=selector)

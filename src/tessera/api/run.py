@@ -215,6 +215,8 @@ def _flatten_metrics(data: Mapping[str, Any], prefix: str = "") -> dict[str, flo
         if not isinstance(key, str) or not key:
             raise TypeError(f"metric names must be non-empty strings, got {key!r}")
         name = f"{prefix}{key}"
+        if len(name) > 256:
+            raise ValueError(f"metric name {name[:40]!r}… is longer than 256 characters")
         if isinstance(value, Mapping):
             out.update(_flatten_metrics(value, f"{name}/"))
             continue

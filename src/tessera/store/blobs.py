@@ -139,7 +139,12 @@ class LocalBlobStore:
                     continue
                 for entry in os.scandir(second.path):
                     st = entry.stat()
-                    yield BlobInfo(entry.name, st.st_size, st.st_mtime)
+                    # A file in the wrong shard folder cannot be read by its digest: report it
+                    # under its path, which is not a digest, so verify calls it stray.
+                    name = entry.name
+                    if name[:2] != first.name or name[2:4] != second.name:
+                        name = f"{first.name}/{second.name}/{name}"
+                    yield BlobInfo(name, st.st_size, st.st_mtime)
 
     # -- writing -----------------------------------------------------------------------------
 

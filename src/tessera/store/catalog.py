@@ -367,14 +367,19 @@ class Catalog:
                 )
             ).first()
             if artifact is None:
+                # Two writers may create the artifact at once (PostgreSQL): one insert wins.
                 conn.execute(
-                    t.artifacts.insert().values(
-                        project_id=project_id,
-                        name=name,
-                        type=type,
-                        description=description,
-                        created_at=now,
-                        version_count=0,
+                    _insert_ignore(
+                        conn,
+                        t.artifacts,
+                        {
+                            "project_id": project_id,
+                            "name": name,
+                            "type": type,
+                            "description": description,
+                            "created_at": now,
+                            "version_count": 0,
+                        },
                     )
                 )
                 artifact = conn.execute(
@@ -382,7 +387,7 @@ class Catalog:
                         t.artifacts.c.project_id == project_id, t.artifacts.c.name == name
                     )
                 ).one()
-            elif artifact.type != type:
+            if artifact.type != type:
                 raise ConflictError(
                     f"artifact {project}/{name} has type {artifact.type!r}, not {type!r}; "
                     "use another name or the same type"

@@ -133,6 +133,8 @@ def gc(store: Store, grace_seconds: float, dry_run: bool = False) -> GcReport:
     marked = referenced_digests(store)
     now = time.time()
     for info in store.blobs.list():
+        if not is_digest(info.digest):
+            continue  # not ours to delete; verify reports it
         if info.digest in marked:
             report.kept_blobs += 1
             continue

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from tessera.errors import StoreCorruptError, StoreFormatError
+from tessera.errors import InvalidPathError, StoreCorruptError, StoreFormatError, TesseraError
 from tessera.names import check_artifact_path
 from tessera.store.hashing import ALGORITHM, check_digest, hash_bytes
 
@@ -93,16 +93,22 @@ class Manifest:
             raise StoreFormatError(
                 f"manifest {digest} uses hash {doc.get('hash')!r}; this Tessera knows {ALGORITHM}"
             )
-        files = {}
-        for path, entry in doc.get("files", {}).items():
-            files[path] = FileEntry(
-                path=path,
-                digest=entry["digest"],
-                size=entry["size"],
-                media=entry.get("media"),
-                ref=entry.get("ref"),
-            )
-        return cls(files=files, metadata=doc.get("metadata", {}))
+        try:
+            entries = [
+                FileEntry(
+                    path=path,
+                    digest=entry["digest"],
+                    size=entry["size"],
+                    media=entry.get("media"),
+                    ref=entry.get("ref"),
+                )
+                for path, entry in doc.get("files", {}).items()
+            ]
+            # The same checks as when writing: a foreign manifest must not be able to make
+            # download() write outside its folder.
+            return cls.build(entries, doc.get("metadata", {}))
+        except (KeyError, TypeError, TesseraError) as e:
+            raise StoreCorruptError(f"manifest {digest} is malformed: {e}") from None
 
     @classmethod
     def build(cls, entries: list[FileEntry], metadata: dict[str, Any] | None = None) -> Manifest:
@@ -111,7 +117,18 @@ class Manifest:
         for entry in sorted(entries, key=lambda e: e.path):
             check_artifact_path(entry.path)
             check_digest(entry.digest)
+            if not isinstance(entry.size, int) or entry.size < 0:
+                raise InvalidPathError(f"{entry.path}: size must be a non-negative integer")
             files[entry.path] = entry
+        folders = {p.rsplit("/", 1)[0] for p in files if "/" in p}
+        for folder in folders:
+            # Parent folders of every folder, too: "a" clashes with "a/b/c".
+            parts = folder.split("/")
+            for i in range(1, len(parts) + 1):
+                if "/".join(parts[:i]) in files:
+                    raise InvalidPathError(
+                        f"{'/'.join(parts[:i])!r} is both a file and a folder in this artifact"
+                    )
         return cls(files=files, metadata=dict(metadata or {}))
 
 

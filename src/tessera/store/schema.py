@@ -59,7 +59,7 @@ artifacts = sa.Table(
     sa.Column("id", BigId, primary_key=True, autoincrement=True),
     sa.Column("project_id", BigId, sa.ForeignKey("projects.id"), nullable=False),
     sa.Column("name", sa.String(128), nullable=False),
-    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("type", sa.String(128), nullable=False),
     sa.Column("description", sa.Text),
     sa.Column("created_at", sa.Float, nullable=False),
     # Incremented in the same transaction that inserts a version: numbers stay contiguous

@@ -55,7 +55,7 @@ def upgrade() -> None:
         sa.Column("id", BigId, primary_key=True, autoincrement=True),
         sa.Column("project_id", BigId, sa.ForeignKey("projects.id"), nullable=False),
         sa.Column("name", sa.String(128), nullable=False),
-        sa.Column("type", sa.String(64), nullable=False),
+        sa.Column("type", sa.String(128), nullable=False),
         sa.Column("description", sa.Text),
         sa.Column("created_at", sa.Float, nullable=False),
         sa.Column("version_count", sa.Integer, nullable=False, server_default="0"),
