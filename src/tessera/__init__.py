@@ -18,7 +18,17 @@ from typing import Any
 
 from tessera.api.artifact import Artifact, ArtifactVersion
 from tessera.api.browse import StoreBrowser
+from tessera.api.dataset import Batch, Dataset, DatasetError, DatasetVersion
+from tessera.api.predictions import PredictionError, PredictionWriter
 from tessera.api.run import Run
+from tessera.api.table import (
+    Image,
+    ImageRef,
+    Table,
+    TableError,
+    TableVersion,
+    UnmatchedImagesWarning,
+)
 from tessera.backend.local import LocalBackend
 from tessera.errors import (
     ConflictError,
@@ -33,6 +43,7 @@ from tessera.errors import (
     TesseraError,
 )
 from tessera.jsonvalues import to_json
+from tessera.media import ImageError
 from tessera.names import check_name
 
 __version__ = "0.1.0"
@@ -72,18 +83,31 @@ def open_store(dir: str | os.PathLike[str] | None = None) -> StoreBrowser:
 __all__ = [
     "Artifact",
     "ArtifactVersion",
+    "Batch",
     "ConflictError",
+    "Dataset",
+    "DatasetError",
+    "DatasetVersion",
     "DigestMismatchError",
+    "Image",
+    "ImageError",
+    "ImageRef",
     "InvalidNameError",
     "InvalidPathError",
     "NotFoundError",
+    "PredictionError",
+    "PredictionWriter",
     "Run",
     "RunFinishedError",
     "StoreBrowser",
     "StoreCorruptError",
     "StoreFormatError",
     "StoreNotFoundError",
+    "Table",
+    "TableError",
+    "TableVersion",
     "TesseraError",
+    "UnmatchedImagesWarning",
     "init",
     "open_store",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tessera.api.artifact import ArtifactVersion
+from tessera.api.versions import version_object
 from tessera.backend.base import Backend
 from tessera.names import check_name, parse_version_spec
 from tessera.store.catalog import ArtifactRecord, ProjectRecord, RunRecord
@@ -47,14 +48,14 @@ class StoreBrowser:
 
     def versions(self, project: str, artifact: str) -> list[ArtifactVersion]:
         return [
-            ArtifactVersion(self._backend, record)
+            version_object(self._backend, record)
             for record in self._backend.versions(project, artifact)
         ]
 
     def artifact(self, spec: str, project: str | None = None) -> ArtifactVersion:
         """``project/name:v1`` (or ``name:v1`` with ``project=``), without recording lineage."""
         record = self._backend.resolve(parse_version_spec(spec), project)
-        return ArtifactVersion(self._backend, record)
+        return version_object(self._backend, record)
 
     def lineage(self, spec: str, project: str | None = None) -> dict[str, list[RunRecord]]:
         return self.artifact(spec, project).lineage()
@@ -63,7 +64,7 @@ class StoreBrowser:
         """``{"used": [...], "logged": [...]}``: the versions a run read and wrote."""
         found = self._backend.run_versions(run_id)
         return {
-            direction: [ArtifactVersion(self._backend, r) for r in records]
+            direction: [version_object(self._backend, r) for r in records]
             for direction, records in found.items()
         }
 

@@ -7,16 +7,21 @@ import contextlib
 import numbers
 import sys
 import threading
+import warnings
 import weakref
 from collections.abc import Iterator, Mapping, MutableMapping
 from types import TracebackType
 from typing import Any
 
 from tessera.api.artifact import Artifact, ArtifactVersion
+from tessera.api.dataset import Dataset, DatasetVersion, store_dataset
+from tessera.api.predictions import PredictionWriter
+from tessera.api.table import Table, TableVersion, UnmatchedImagesWarning, store_table
+from tessera.api.versions import version_object
 from tessera.backend.base import Backend
-from tessera.errors import RunFinishedError
+from tessera.errors import NotFoundError, RunFinishedError
 from tessera.jsonvalues import to_json
-from tessera.names import check_alias, parse_version_spec
+from tessera.names import check_alias, check_name, parse_version_spec
 from tessera.runtime import HEARTBEAT_SECONDS
 from tessera.store.catalog import RunRecord
 from tessera.store.manifest import Manifest
@@ -84,7 +89,12 @@ class Run:
         self._check_open()
         if not isinstance(data, Mapping):
             raise TypeError(f"run.log() takes a dict of metric values, got {type(data).__name__}")
-        values = _flatten_metrics(data)
+        tables = {k: v for k, v in data.items() if isinstance(v, Table)}
+        values = _flatten_metrics({k: v for k, v in data.items() if k not in tables})
+        for key, table in tables.items():
+            self.log_table(key, table)
+        if not values:
+            return
         with self._lock:
             if step is None:
                 step = self._step
@@ -102,9 +112,7 @@ class Run:
         self._check_open()
         if not isinstance(artifact, Artifact):
             raise TypeError(f"log_artifact takes a tessera.Artifact, got {type(artifact).__name__}")
-        if isinstance(aliases, str):
-            aliases = (aliases,)
-        aliases = tuple(check_alias(a) for a in aliases)
+        aliases = _aliases(aliases)
         if not len(artifact):
             raise ValueError(
                 f"artifact {artifact.name!r} has no files; add some with add_file or add_dir"
@@ -130,7 +138,94 @@ class Run:
         self._check_open()
         record = self._backend.resolve(parse_version_spec(spec), self.project)
         self._backend.record_use(self.id, record.id)
-        return ArtifactVersion(self._backend, record, run=self)
+        return version_object(self._backend, record, run=self)
+
+    # -- datasets, tables and predictions ----------------------------------------------------
+
+    def log_dataset(
+        self, dataset: Dataset, aliases: tuple[str, ...] | list[str] = ()
+    ) -> DatasetVersion:
+        """Store a dataset: each image once (files keep their bytes), plus its sample table."""
+        self._check_open()
+        if not isinstance(dataset, Dataset):
+            raise TypeError(f"log_dataset takes a tessera.Dataset, got {type(dataset).__name__}")
+        aliases = _aliases(aliases)
+        prepared = store_dataset(self._backend, dataset)
+        digest = self._backend.put_manifest(prepared.manifest)
+        record, _created = self._backend.commit_version(
+            project=self.project,
+            name=dataset.name,
+            type="dataset",
+            description=dataset.description,
+            manifest=prepared.manifest,
+            digest=digest,
+            run_id=self.id,
+            aliases=aliases,
+            samples=prepared.samples,
+        )
+        return DatasetVersion(self._backend, record, prepared.manifest, run=self)
+
+    def use_dataset(self, spec: str) -> DatasetVersion:
+        """A dataset version (``name:latest``, ``name:v0``, ``project/name:alias``) as an input."""
+        version = self.use_artifact(spec)
+        if not isinstance(version, DatasetVersion):
+            raise NotFoundError(f"{version.spec} is a {version.type!r} artifact, not a dataset")
+        return version
+
+    def log_table(self, name: str, table: Table) -> TableVersion:
+        """Store a table; ``Image`` cells that match a dataset sample become references to it."""
+        self._check_open()
+        check_name(name, "table")
+        if not isinstance(table, Table):
+            raise TypeError(f"log_table takes a tessera.Table, got {type(table).__name__}")
+        manifest, row, unmatched, new_bytes = store_table(self._backend, name, table)
+        digest = self._backend.put_manifest(manifest)
+        record, _created = self._backend.commit_version(
+            project=self.project,
+            name=name,
+            type="table",
+            description=None,
+            manifest=manifest,
+            digest=digest,
+            run_id=self.id,
+            table=row,
+        )
+        if row.dataset_version_id is not None:
+            self._backend.record_use(self.id, row.dataset_version_id)
+        if unmatched:
+            warnings.warn(
+                f"{unmatched} images in table {name!r} matched no dataset sample and were stored "
+                f"as new media ({new_bytes:,} new bytes). To reference dataset images instead, "
+                "log predictions by sample id: run.log_predictions(dataset_version, ids, ...)",
+                UnmatchedImagesWarning,
+                stacklevel=3,
+            )
+        return TableVersion(self._backend, record, manifest, run=self)
+
+    def predictions(self, dataset: DatasetVersion, name: str = "predictions") -> PredictionWriter:
+        """Stream predictions batch by batch: ``with run.predictions(dsv) as p: p.add(ids=...,
+        pred=..., scores=...)``. Stored when the block ends without an exception."""
+        self._check_open()
+        return PredictionWriter(self, dataset, name)
+
+    def log_predictions(
+        self, dataset: DatasetVersion, ids: Any, name: str = "predictions", **columns: Any
+    ) -> TableVersion:
+        """Log predictions on ``dataset`` by sample id: ``pred``, ``scores``, ``loss``, …"""
+        writer = self.predictions(dataset, name)
+        try:
+            writer.add(ids, **columns)
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.close()
+
+    def tables(self) -> list[TableVersion]:
+        """The tables and predictions this run logged, oldest first."""
+        return [
+            TableVersion(self._backend, record, run=self)
+            for record, _row in self._backend.run_tables(self.id)
+        ]
 
     def history(self) -> dict[str, list[tuple[int, float | None]]]:
         """Every logged metric: ``{key: [(step, value), ...]}``."""
@@ -207,6 +302,12 @@ class RunSummary(MutableMapping[str, Any]):
         for key, value in dict(*args, **kwargs).items():
             self._data[key] = to_json(value, f"summary[{key!r}]")
         self._run._backend.set_summary(self._run.id, self._data)
+
+
+def _aliases(aliases: tuple[str, ...] | list[str] | str) -> tuple[str, ...]:
+    if isinstance(aliases, str):
+        aliases = (aliases,)
+    return tuple(check_alias(a) for a in aliases)
 
 
 def _flatten_metrics(data: Mapping[str, Any], prefix: str = "") -> dict[str, float | None]:

@@ -155,6 +155,10 @@ class LocalBackend:
     def blob_path(self, digest: str) -> Path | None:
         return self.store.blobs.local_path(digest)
 
+    def local_root(self) -> Path | None:
+        """The store folder, whose ``blobs/ab/cd/<digest>`` files may be read directly."""
+        return self.store.root
+
     # -- browsing ----------------------------------------------------------------------------
 
     def projects(self) -> list[ProjectRecord]:
