@@ -14,10 +14,11 @@ The public API, and nothing else::
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tessera.api.artifact import Artifact, ArtifactVersion
 from tessera.api.browse import StoreBrowser
+from tessera.api.compare import CompareError, Comparison, compare
 from tessera.api.dataset import Batch, Dataset, DatasetError, DatasetVersion
 from tessera.api.predictions import PredictionError, PredictionWriter
 from tessera.api.run import Run
@@ -46,6 +47,9 @@ from tessera.jsonvalues import to_json
 from tessera.media import ImageError
 from tessera.names import check_name
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 __version__ = "0.1.0"
 
 
@@ -73,6 +77,21 @@ def init(
     return Run(backend, record)
 
 
+def sql(query: str, dir: str | os.PathLike[str] | None = None) -> pd.DataFrame:
+    """Run one read-only SELECT over the views ``runs``, ``datasets``, ``samples`` and
+    ``predictions`` of a store (see ``tessera.analysis.queries``); returns a DataFrame."""
+    from tessera.analysis.queries import connect, register_views, run_readonly_sql
+
+    backend = LocalBackend.open(dir)
+    con = connect()
+    try:
+        register_views(con, backend)
+        return run_readonly_sql(con, query)
+    finally:
+        con.close()
+        backend.close()
+
+
 def open_store(dir: str | os.PathLike[str] | None = None) -> StoreBrowser:
     """Browse an existing store read-only: projects, runs, artifacts, versions, lineage."""
     backend = LocalBackend.open(dir)
@@ -84,6 +103,8 @@ __all__ = [
     "Artifact",
     "ArtifactVersion",
     "Batch",
+    "CompareError",
+    "Comparison",
     "ConflictError",
     "Dataset",
     "DatasetError",
@@ -108,6 +129,8 @@ __all__ = [
     "TableVersion",
     "TesseraError",
     "UnmatchedImagesWarning",
+    "compare",
     "init",
     "open_store",
+    "sql",
 ]

@@ -6,7 +6,7 @@ import re
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -209,6 +209,99 @@ def gc_command(
             else ""
         )
     )
+
+
+def _frame_table(
+    frame: Any, title: str | None = None, index: bool = True, limit: int = 50
+) -> Table:
+    table = Table(title=title)
+    names = ([str(frame.index.name or "")] if index else []) + [str(c) for c in frame.columns]
+    for name in names:
+        table.add_column(name)
+    for row in frame.head(limit).itertuples(index=index, name=None):
+        table.add_row(*[_cell(v) for v in row])
+    return table
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "-" if value != value else f"{value:.4f}"
+    return str(value)
+
+
+@app.command("compare")
+def compare_command(
+    dataset: Annotated[
+        str,
+        typer.Argument(
+            help="name:v0, name:latest, or name (every version); project/name to be explicit."
+        ),
+    ],
+    runs: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated run names or ids (default: every run with predictions)."
+        ),
+    ] = None,
+    base: Annotated[
+        str | None,
+        typer.Option(help="Base run for McNemar and regressions (default: the first run)."),
+    ] = None,
+    new: Annotated[str | None, typer.Option(help="New run (default: the last run).")] = None,
+    predictions: Annotated[
+        str, typer.Option(help="Name of the predictions tables.")
+    ] = "predictions",
+    top: Annotated[int, typer.Option(help="How many regressions to list.")] = 10,
+    dir: DirOption = None,
+) -> None:
+    """Compare the runs that logged predictions on a dataset: metrics, McNemar, regressions."""
+    from tessera.api.compare import compare
+
+    selected = [r.strip() for r in runs.split(",") if r.strip()] if runs else None
+    with compare(dataset, runs=selected, predictions=predictions, dir=dir) as comparison:
+        out.print(_frame_table(comparison.metrics(), title=f"Metrics on {dataset}"))
+        out.print(comparison.note)
+        if len(comparison.runs) < 2:
+            return
+        first = base or comparison.runs[0].label
+        last = new or comparison.runs[-1].label
+        test = comparison.mcnemar(first, last)
+        verdict = (
+            f"{test.better} is better (p = {test.pvalue:.3g})"
+            if test.pvalue < 0.05
+            else f"no significant difference (p = {test.pvalue:.3g})"
+        )
+        out.print(
+            f"McNemar {first} → {last}: {test.b} right→wrong, {test.c} wrong→right; {verdict}"
+        )
+        regressions = comparison.regressions(first, last)
+        out.print(
+            _frame_table(
+                regressions.head(top),
+                title=f"Top regressions {first} → {last} ({len(regressions)} in all)",
+                index=False,
+            )
+        )
+
+
+@app.command("sql")
+def sql_command(
+    query: Annotated[
+        str,
+        typer.Argument(
+            help='One SELECT, e.g. "SELECT run, count(*) FROM predictions GROUP BY run".'
+        ),
+    ],
+    limit: Annotated[int, typer.Option(help="Rows to print at most.")] = 100,
+    dir: DirOption = None,
+) -> None:
+    """Read-only SQL over the views runs, datasets, samples and predictions."""
+    import tessera
+
+    frame = tessera.sql(query, dir=dir)
+    out.print(_frame_table(frame, index=False, limit=limit))
+    if len(frame) > limit:
+        out.print(f"({len(frame)} rows; {limit} shown)")
 
 
 def main() -> None:

@@ -143,6 +143,17 @@ class LocalBackend:
     def run_tables(self, run_id: str) -> list[tuple[VersionRecord, TableRow]]:
         return self.catalog.run_tables(run_id)
 
+    def table_versions(
+        self,
+        kind: str | None = None,
+        name: str | None = None,
+        dataset_version_ids: list[int] | None = None,
+    ) -> list[tuple[RunRecord | None, VersionRecord, TableRow]]:
+        return self.catalog.table_versions(kind, name, dataset_version_ids)
+
+    def all_versions(self) -> list[VersionRecord]:
+        return self.catalog.all_versions()
+
     def record_use(self, run_id: str, version_id: int) -> None:
         self.catalog.record_use(run_id, version_id)
 

@@ -689,6 +689,42 @@ class Catalog:
             for r in rows
         ]
 
+    def table_versions(
+        self,
+        kind: str | None = None,
+        name: str | None = None,
+        dataset_version_ids: list[int] | None = None,
+    ) -> list[tuple[RunRecord | None, VersionRecord, TableRow]]:
+        """Table versions with the runs that logged them (one entry per logging run), oldest
+        run first; filtered by kind, table name and the dataset versions they are bound to."""
+        query = (
+            sa.select(t.tables, t.lineage.c.run_id.label("logged_by"))
+            .outerjoin(
+                t.lineage,
+                sa.and_(
+                    t.lineage.c.version_id == t.tables.c.version_id,
+                    t.lineage.c.direction == "logged",
+                ),
+            )
+            .order_by(t.lineage.c.at, t.tables.c.version_id)
+        )
+        if kind is not None:
+            query = query.where(t.tables.c.kind == kind)
+        if name is not None:
+            query = query.where(t.tables.c.name == name)
+        if dataset_version_ids is not None:
+            query = query.where(t.tables.c.dataset_version_id.in_(dataset_version_ids))
+        with self.read() as conn:
+            rows = conn.execute(query).all()
+        runs = {r.id: r for r in self.runs()}
+        out = []
+        for row in rows:
+            run = runs.get(row.logged_by) if row.logged_by else None
+            table = TableRow(row.name, row.kind, row.dataset_version_id, row.num_rows)
+            out.append((run, self.version_by_id(row.version_id), table))
+        out.sort(key=lambda item: item[0].started_at if item[0] else 0.0)
+        return out
+
     def run_versions(self, run_id: str) -> dict[str, list[VersionRecord]]:
         """Versions a run used (inputs) and logged (outputs)."""
         out: dict[str, list[VersionRecord]] = {}

@@ -1,0 +1,1 @@
+"""Analysis in DuckDB over the stored Parquet tables and the catalog."""
