@@ -267,7 +267,7 @@ def compare_command(
         last = new or comparison.runs[-1].label
         test = comparison.mcnemar(first, last)
         verdict = (
-            f"{test.better} is better (p = {test.pvalue:.3g})"
+            f"{last if test.better == 'new' else first} is better (p = {test.pvalue:.3g})"
             if test.pvalue < 0.05
             else f"no significant difference (p = {test.pvalue:.3g})"
         )
