@@ -35,9 +35,8 @@ from tessera.media import (
     probe_file,
 )
 from tessera.names import check_artifact_path, check_name
-from tessera.store.catalog import SampleRow
 from tessera.store.hashing import hash_bytes
-from tessera.store.manifest import FileEntry, Manifest
+from tessera.store.manifest import Manifest
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -245,16 +244,8 @@ def _read_label_csv(path: Path, root: Path) -> dict[str, dict[str, Any]]:
 # -- logging -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PreparedDataset:
-    sources: list[Source]
-    samples: list[SampleRow]
-    entries: list[FileEntry]
-    manifest: Manifest
-
-
-def store_dataset(backend: Backend, ds: Dataset) -> PreparedDataset:
-    """Upload every image and the sample table; return what the version commit needs."""
+def store_dataset(backend: Backend, ds: Dataset) -> Manifest:
+    """Upload every image and the sample table; return the manifest to commit."""
     if not len(ds):
         raise DatasetError(f"dataset {ds.name!r} has no samples; add some with ds.add(...)")
     classes = ds.classes
@@ -326,12 +317,7 @@ def store_dataset(backend: Backend, ds: Dataset) -> PreparedDataset:
         "num_samples": len(ds),
         "samples": SAMPLES_FILE,
     }
-    manifest = Manifest.build([*entries, table_entry], metadata)
-    samples = [
-        SampleRow(sample.id, entry.digest, pixels)
-        for sample, entry, (_s, pixels) in zip(ds._samples, entries, prepared, strict=True)
-    ]
-    return PreparedDataset(sources, samples, entries, manifest)
+    return Manifest.build([*entries, table_entry], metadata)
 
 
 def _image_path(sid: str, ext: str) -> str:

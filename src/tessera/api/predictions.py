@@ -20,7 +20,6 @@ from tessera.api.table import IMAGE_TYPE, TableError
 from tessera.backend.base import Source
 from tessera.media import canonical_pixels
 from tessera.names import check_name
-from tessera.store.catalog import TableRow
 from tessera.store.hashing import hash_bytes
 from tessera.store.manifest import Manifest
 
@@ -301,7 +300,6 @@ class PredictionWriter:
             manifest=manifest,
             digest=digest,
             run_id=run.id,
-            table=TableRow(self.name, "predictions", dataset._record.id, self.num_rows),
         )
         backend.record_use(run.id, dataset._record.id)
         return TableVersion(backend, record, manifest, run=run)

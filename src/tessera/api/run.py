@@ -150,20 +150,19 @@ class Run:
         if not isinstance(dataset, Dataset):
             raise TypeError(f"log_dataset takes a tessera.Dataset, got {type(dataset).__name__}")
         aliases = _aliases(aliases)
-        prepared = store_dataset(self._backend, dataset)
-        digest = self._backend.put_manifest(prepared.manifest)
+        manifest = store_dataset(self._backend, dataset)
+        digest = self._backend.put_manifest(manifest)
         record, _created = self._backend.commit_version(
             project=self.project,
             name=dataset.name,
             type="dataset",
             description=dataset.description,
-            manifest=prepared.manifest,
+            manifest=manifest,
             digest=digest,
             run_id=self.id,
             aliases=aliases,
-            samples=prepared.samples,
         )
-        return DatasetVersion(self._backend, record, prepared.manifest, run=self)
+        return DatasetVersion(self._backend, record, manifest, run=self)
 
     def use_dataset(self, spec: str) -> DatasetVersion:
         """A dataset version (``name:latest``, ``name:v0``, ``project/name:alias``) as an input."""
@@ -188,7 +187,6 @@ class Run:
             manifest=manifest,
             digest=digest,
             run_id=self.id,
-            table=row,
         )
         if row.dataset_version_id is not None:
             self._backend.record_use(self.id, row.dataset_version_id)

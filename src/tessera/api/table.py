@@ -207,6 +207,11 @@ def store_table(backend: Backend, name: str, table: Table) -> tuple[Manifest, Ta
         "table": TABLE_FILE,
         "image_columns": sorted(resolved.cells),
         "dataset": dataset_spec,
+        "dataset_digest": (
+            backend.version_by_id(resolved.dataset_version_id).digest
+            if resolved.dataset_version_id is not None
+            else None
+        ),
     }
     manifest = Manifest.build([*media_entries, table_entry], metadata)
     row = TableRow(name, "table", resolved.dataset_version_id, arrow.num_rows)

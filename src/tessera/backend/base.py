@@ -16,7 +16,6 @@ from tessera.store.catalog import (
     ProjectRecord,
     RunRecord,
     SampleMatch,
-    SampleRow,
     TableRow,
     VersionRecord,
 )
@@ -62,8 +61,6 @@ class Backend(Protocol):
         digest: str,
         run_id: str | None,
         aliases: tuple[str, ...] = (),
-        samples: list[SampleRow] | None = None,
-        table: TableRow | None = None,
     ) -> tuple[VersionRecord, bool]: ...
     def version_by_id(self, version_id: int) -> VersionRecord: ...
     def find_samples(

@@ -10,16 +10,15 @@ from typing import Any, BinaryIO
 
 from tessera import progress, runtime
 from tessera.backend.base import Source
-from tessera.errors import NotFoundError
-from tessera.names import VersionSpec
-from tessera.store import Store
+from tessera.errors import NotFoundError, StoreCorruptError
+from tessera.names import VersionSpec, parse_version_spec
+from tessera.store import Store, derived
 from tessera.store.blobs import LocalWriteBatch
 from tessera.store.catalog import (
     ArtifactRecord,
     ProjectRecord,
     RunRecord,
     SampleMatch,
-    SampleRow,
     TableRow,
     VersionRecord,
 )
@@ -109,9 +108,19 @@ class LocalBackend:
         digest: str,
         run_id: str | None,
         aliases: tuple[str, ...] = (),
-        samples: list[SampleRow] | None = None,
-        table: TableRow | None = None,
     ) -> tuple[VersionRecord, bool]:
+        """Record a version whose blobs are stored; the sample index and table row it needs
+        are derived here from the stored manifest (see store/derived.py)."""
+        missing = self.store.blobs.missing({digest, *manifest.stored_digests()})
+        if missing:
+            raise StoreCorruptError(
+                f"cannot commit {project}/{name}: {len(missing)} blobs it names are not stored "
+                f"(e.g. {sorted(missing)[0]}); upload them first"
+            )
+        samples = (
+            derived.sample_rows(manifest, self.store.blobs.path_of) if type == "dataset" else None
+        )
+        table = derived.table_row(type, name, manifest, self._find_dataset)
         return self.catalog.commit_version(
             project=project,
             name=name,
@@ -128,6 +137,13 @@ class LocalBackend:
 
     def resolve(self, spec: VersionSpec, default_project: str | None) -> VersionRecord:
         return self.catalog.resolve(spec, default_project)
+
+    def _find_dataset(self, spec: str, digest: str) -> int | None:
+        parsed = parse_version_spec(spec)
+        if parsed.project is None:
+            return None
+        found = self.catalog.version_by_digest(parsed.project, parsed.name, digest)
+        return found.id if found else None
 
     def version_by_id(self, version_id: int) -> VersionRecord:
         return self.catalog.version_by_id(version_id)

@@ -663,6 +663,18 @@ class Catalog:
                         out[row[3]] = SampleMatch(row.version_id, row.sample_id, row.digest)
         return by_digest, by_pixels
 
+    def version_by_digest(self, project: str, artifact: str, digest: str) -> VersionRecord | None:
+        with self.read() as conn:
+            found = self._version_records(
+                conn,
+                self._version_query().where(
+                    t.projects.c.name == project,
+                    t.artifacts.c.name == artifact,
+                    t.versions.c.digest == digest,
+                ),
+            )
+        return found[0] if found else None
+
     def table_row(self, version_id: int) -> TableRow | None:
         with self.read() as conn:
             row = conn.execute(
