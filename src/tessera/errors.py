@@ -28,6 +28,18 @@ class ConflictError(TesseraError):
     """The request contradicts what the store already holds (e.g. an artifact's type)."""
 
 
+class MissingBlobsError(ConflictError):
+    """A version names blobs the store does not hold (upload them, then commit again)."""
+
+    def __init__(self, message: str, missing: list[str]):
+        super().__init__(message)
+        self.missing = missing
+
+
+class AuthError(TesseraError, PermissionError):
+    """No valid token, or the token's user may not do this."""
+
+
 class StoreNotFoundError(TesseraError):
     """No Tessera store at the given folder."""
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from tessera import progress, runtime
+from tessera import runtime
 from tessera.backend.base import Source
-from tessera.errors import NotFoundError, StoreCorruptError
+from tessera.backend.ingest import digest_sources
+from tessera.errors import MissingBlobsError
 from tessera.names import VersionSpec, parse_version_spec
 from tessera.store import Store, derived
-from tessera.store.blobs import LocalWriteBatch
 from tessera.store.catalog import (
     ArtifactRecord,
     ProjectRecord,
@@ -22,14 +21,7 @@ from tessera.store.catalog import (
     TableRow,
     VersionRecord,
 )
-from tessera.store.hashing import hash_file
 from tessera.store.manifest import FileEntry, Manifest
-from tessera.store.statcache import now_ns
-
-# Hashing and copying release the GIL; a few threads per core keep the disk and the CPU busy.
-_WORKERS = min(16, 4 * (os.cpu_count() or 1))
-_SHOW_PROGRESS_FILES = 2000
-_SHOW_PROGRESS_BYTES = 256 * 1024 * 1024
 
 
 class LocalBackend:
@@ -55,6 +47,12 @@ class LocalBackend:
 
     def runs(self, project: str | None = None) -> list[RunRecord]:
         return self.catalog.runs(project)
+
+    def import_run(self, record: RunRecord) -> None:
+        self.catalog.import_run(record)
+
+    def replace_metrics(self, run_id: str, rows: list[tuple[int, str, float | None]]) -> None:
+        self.catalog.replace_metrics(run_id, rows)
 
     def log_metrics(
         self, run_id: str, step: int, values: dict[str, float | None], summary: dict[str, Any]
@@ -92,7 +90,7 @@ class LocalBackend:
         complete.
         """
         with self.store.blobs.batch() as batch:
-            return _ingest(sources, batch, self.store)
+            return digest_sources(sources, self.store.stat_cache, batch)
 
     def put_manifest(self, manifest: Manifest) -> str:
         return self.store.blobs.put_bytes(manifest.to_bytes())
@@ -113,9 +111,10 @@ class LocalBackend:
         are derived here from the stored manifest (see store/derived.py)."""
         missing = self.store.blobs.missing({digest, *manifest.stored_digests()})
         if missing:
-            raise StoreCorruptError(
+            raise MissingBlobsError(
                 f"cannot commit {project}/{name}: {len(missing)} blobs it names are not stored "
-                f"(e.g. {sorted(missing)[0]}); upload them first"
+                f"(e.g. {sorted(missing)[0]}); upload them first",
+                sorted(missing),
             )
         samples = (
             derived.sample_rows(manifest, self.store.blobs.path_of) if type == "dataset" else None
@@ -133,6 +132,7 @@ class LocalBackend:
             aliases=aliases,
             samples=samples,
             table=table,
+            blob_digests=manifest.stored_digests(),
         )
 
     def resolve(self, spec: VersionSpec, default_project: str | None) -> VersionRecord:
@@ -202,51 +202,3 @@ class LocalBackend:
 
     def run_versions(self, run_id: str) -> dict[str, list[VersionRecord]]:
         return self.catalog.run_versions(run_id)
-
-
-def _ingest(sources: list[Source], batch: LocalWriteBatch, store: Store) -> list[FileEntry]:
-    """Digest every source, storing the bytes of all but references.
-
-    Files the stat cache knows (same path, size, mtime, inode) are not read again; when their
-    blob is present, nothing at all is written for them.
-    """
-    stats: dict[Path, os.stat_result] = {}
-    for source in sources:
-        if source.local is not None:
-            try:
-                stats[source.local] = source.local.stat()
-            except FileNotFoundError:
-                raise NotFoundError(
-                    f"{source.local} (for {source.path!r}) no longer exists; nothing was logged"
-                ) from None
-    cached = store.stat_cache.lookup(stats.items())
-    total_bytes = sum(st.st_size for st in stats.values())
-    show = len(sources) >= _SHOW_PROGRESS_FILES or total_bytes >= _SHOW_PROGRESS_BYTES
-    remembered: list[tuple[Path, os.stat_result, str, int]] = []
-
-    def digest_one(source: Source) -> FileEntry:
-        if source.data is not None:
-            digest = batch.put_bytes(source.data)
-            return FileEntry(source.path, digest, len(source.data), source.media, source.ref)
-        assert source.local is not None
-        st = stats[source.local]
-        digest = cached.get(str(source.local))
-        size = st.st_size
-        if digest is None or (source.ref is None and not batch.reuse(digest)):
-            started = now_ns()
-            if source.ref is None:
-                digest, size = batch.put_file(source.local)
-            else:
-                digest, size = hash_file(source.local)
-            if size == st.st_size:
-                remembered.append((source.local, st, digest, started))
-        bar.advance(size)
-        return FileEntry(source.path, digest, size, source.media, source.ref)
-
-    with (
-        progress.bar("storing files", total_bytes, bytes=True, show=show) as bar,
-        ThreadPoolExecutor(_WORKERS) as pool,
-    ):
-        entries = list(pool.map(digest_one, sources))
-    store.stat_cache.remember(remembered)
-    return entries

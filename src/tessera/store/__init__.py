@@ -64,7 +64,7 @@ class Store:
             blobs = LocalBlobStore(root)
             blobs.create()
             catalog = Catalog(f"sqlite:///{root / 'catalog.db'}", sqlite_path=root / "catalog.db")
-            catalog.upgrade()
+            catalog.upgrade(blobs)
         return cls(root, catalog, blobs)
 
     def close(self) -> None:

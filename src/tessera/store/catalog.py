@@ -29,7 +29,7 @@ from tessera.names import VersionSpec
 from tessera.store import schema as t
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
-HEAD_REVISION = "0002"  # keep equal to the newest file in migrations/versions
+HEAD_REVISION = "0003"  # keep equal to the newest file in migrations/versions
 RUN_STATUSES = ("running", "finished", "failed", "crashed")
 
 
@@ -161,7 +161,7 @@ class Catalog:
                 return None
             return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
 
-    def upgrade(self) -> None:
+    def upgrade(self, blobs: Any = None) -> None:
         """Bring the schema to the newest revision; refuse a catalog written by a newer Tessera."""
         current = self.revision()
         if current == HEAD_REVISION:
@@ -179,6 +179,7 @@ class Catalog:
         cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
         with self.engine.connect().execution_options(tessera_write=True) as conn:
             cfg.attributes["connection"] = conn
+            cfg.attributes["blobs"] = blobs
             command.upgrade(cfg, "head")
             conn.commit()
 
@@ -301,6 +302,46 @@ class Catalog:
             result = conn.execute(query.values(status=status, ended_at=time.time()))
             return result.rowcount > 0
 
+    def import_run(self, record: RunRecord) -> None:
+        """Insert or overwrite a run with its id (push and pull copy runs between stores)."""
+        values = {
+            "name": record.name,
+            "status": record.status,
+            "config": record.config,
+            "summary": record.summary,
+            "started_at": record.started_at,
+            "ended_at": record.ended_at,
+            "heartbeat_at": record.heartbeat_at,
+            "host": record.host,
+            "pid": record.pid,
+            "pid_started": record.pid_started,
+        }
+        with self.write() as conn:
+            project_id = self.ensure_project(conn, record.project)
+            exists = conn.execute(
+                sa.select(t.runs.c.project_id).where(t.runs.c.id == record.id)
+            ).first()
+            if exists is None:
+                conn.execute(t.runs.insert().values(id=record.id, project_id=project_id, **values))
+            elif exists.project_id != project_id:
+                raise ConflictError(f"run {record.id} belongs to another project")
+            else:
+                conn.execute(t.runs.update().where(t.runs.c.id == record.id).values(**values))
+
+    def replace_metrics(self, run_id: str, rows: list[tuple[int, str, float | None]]) -> None:
+        """Make a run's metric history exactly ``rows`` (step, key, value)."""
+        now = time.time()
+        with self.write() as conn:
+            conn.execute(t.metrics.delete().where(t.metrics.c.run_id == run_id))
+            if rows:
+                conn.execute(
+                    t.metrics.insert(),
+                    [
+                        {"run_id": run_id, "step": s, "key": k, "value": v, "logged_at": now}
+                        for s, k, v in rows
+                    ],
+                )
+
     def log_metrics(
         self, run_id: str, step: int, values: dict[str, float | None], summary: dict[str, Any]
     ) -> None:
@@ -350,6 +391,7 @@ class Catalog:
         aliases: tuple[str, ...] = (),
         samples: list[SampleRow] | None = None,
         table: TableRow | None = None,
+        blob_digests: set[str] | None = None,
     ) -> tuple[VersionRecord, bool]:
         """Record a version whose blobs and manifest are already stored.
 
@@ -359,6 +401,7 @@ class Catalog:
         version, in the same transaction.
         """
         now = time.time()
+        blob_digests = {digest, *(blob_digests or ())}
         with self.write() as conn:
             project_id = self.ensure_project(conn, project)
             artifact = conn.execute(
@@ -428,6 +471,10 @@ class Catalog:
                     .returning(t.versions.c.id)
                 ).scalar_one()
                 self._set_alias(conn, artifact.id, "latest", version_id)
+                conn.execute(
+                    t.version_blobs.insert(),
+                    [{"digest": d, "version_id": version_id} for d in sorted(blob_digests)],
+                )
                 if samples:
                     for start in range(0, len(samples), 50_000):
                         conn.execute(
@@ -750,6 +797,152 @@ class Catalog:
                 )
                 out[direction] = self._version_records(conn, query)
         return out
+
+
+ROLES = ("reader", "writer", "admin")
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    id: int
+    name: str
+    is_admin: bool
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    id: str
+    user: str
+    name: str
+    created_at: float
+    revoked_at: float | None
+
+
+class AuthCatalog:
+    """Users, tokens and project members: the server's access control, in the same catalog."""
+
+    def __init__(self, catalog: Catalog):
+        self.catalog = catalog
+
+    def user_count(self) -> int:
+        with self.catalog.read() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(t.users)).scalar_one()
+
+    def ensure_user(self, name: str, is_admin: bool = False) -> UserRecord:
+        with self.catalog.write() as conn:
+            conn.execute(
+                _insert_ignore(
+                    conn, t.users, {"name": name, "is_admin": is_admin, "created_at": time.time()}
+                )
+            )
+            row = conn.execute(sa.select(t.users).where(t.users.c.name == name)).one()
+        return UserRecord(row.id, row.name, bool(row.is_admin))
+
+    def user(self, name: str) -> UserRecord:
+        with self.catalog.read() as conn:
+            row = conn.execute(sa.select(t.users).where(t.users.c.name == name)).first()
+        if row is None:
+            raise NotFoundError(f"no user {name!r}")
+        return UserRecord(row.id, row.name, bool(row.is_admin))
+
+    def create_token(self, user: UserRecord, name: str, token_hash: str) -> TokenRecord:
+        token_id = "tok_" + secrets.token_hex(6)
+        now = time.time()
+        with self.catalog.write() as conn:
+            conn.execute(
+                t.tokens.insert().values(
+                    id=token_id, user_id=user.id, name=name, hash=token_hash, created_at=now
+                )
+            )
+        return TokenRecord(token_id, user.name, name, now, None)
+
+    def tokens(self, user: UserRecord | None = None) -> list[TokenRecord]:
+        query = (
+            sa.select(t.tokens, t.users.c.name.label("user"))
+            .join(t.users, t.users.c.id == t.tokens.c.user_id)
+            .order_by(t.tokens.c.created_at)
+        )
+        if user is not None:
+            query = query.where(t.tokens.c.user_id == user.id)
+        with self.catalog.read() as conn:
+            return [
+                TokenRecord(r.id, r.user, r.name, r.created_at, r.revoked_at)
+                for r in conn.execute(query)
+            ]
+
+    def revoke_token(self, token_id: str, user: UserRecord | None = None) -> bool:
+        query = t.tokens.update().where(t.tokens.c.id == token_id, t.tokens.c.revoked_at.is_(None))
+        if user is not None:
+            query = query.where(t.tokens.c.user_id == user.id)
+        with self.catalog.write() as conn:
+            return conn.execute(query.values(revoked_at=time.time())).rowcount > 0
+
+    def user_for_token(self, token_hash: str) -> UserRecord | None:
+        """The user of a live token, or None (unknown or revoked)."""
+        with self.catalog.read() as conn:
+            row = conn.execute(
+                sa.select(t.users)
+                .join(t.tokens, t.tokens.c.user_id == t.users.c.id)
+                .where(t.tokens.c.hash == token_hash, t.tokens.c.revoked_at.is_(None))
+            ).first()
+        return None if row is None else UserRecord(row.id, row.name, bool(row.is_admin))
+
+    def set_member(self, project: str, user: UserRecord, role: str | None) -> None:
+        """Give ``user`` a role in ``project`` (created if new); ``None`` removes them."""
+        if role is not None and role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        with self.catalog.write() as conn:
+            project_id = self.catalog.ensure_project(conn, project)
+            conn.execute(
+                t.members.delete().where(
+                    t.members.c.project_id == project_id, t.members.c.user_id == user.id
+                )
+            )
+            if role is not None:
+                conn.execute(
+                    t.members.insert().values(project_id=project_id, user_id=user.id, role=role)
+                )
+
+    def roles(self, user: UserRecord) -> dict[str, str]:
+        """``{project: role}`` for every project the user is a member of."""
+        with self.catalog.read() as conn:
+            rows = conn.execute(
+                sa.select(t.projects.c.name, t.members.c.role)
+                .join(t.members, t.members.c.project_id == t.projects.c.id)
+                .where(t.members.c.user_id == user.id)
+            ).all()
+        return {name: role for name, role in rows}
+
+    def members(self, project: str) -> list[tuple[str, str]]:
+        with self.catalog.read() as conn:
+            rows = conn.execute(
+                sa.select(t.users.c.name, t.members.c.role)
+                .join(t.members, t.members.c.user_id == t.users.c.id)
+                .join(t.projects, t.projects.c.id == t.members.c.project_id)
+                .where(t.projects.c.name == project)
+                .order_by(t.users.c.name)
+            ).all()
+        return [(name, role) for name, role in rows]
+
+    def project_exists(self, project: str) -> bool:
+        with self.catalog.read() as conn:
+            return (
+                conn.execute(sa.select(t.projects.c.id).where(t.projects.c.name == project)).first()
+                is not None
+            )
+
+    def blob_projects(self, digest: str) -> set[str]:
+        """Projects with a version that needs this blob."""
+        with self.catalog.read() as conn:
+            rows = conn.execute(
+                sa.select(t.projects.c.name)
+                .distinct()
+                .join(t.artifacts, t.artifacts.c.project_id == t.projects.c.id)
+                .join(t.versions, t.versions.c.artifact_id == t.artifacts.c.id)
+                .join(t.version_blobs, t.version_blobs.c.version_id == t.versions.c.id)
+                .where(t.version_blobs.c.digest == digest)
+            ).all()
+        return {r[0] for r in rows}
 
 
 def _run_record(row: Any) -> RunRecord:

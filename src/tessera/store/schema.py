@@ -124,3 +124,44 @@ tables = sa.Table(
     sa.Column("dataset_version_id", BigId, sa.ForeignKey("versions.id"), index=True),
     sa.Column("num_rows", sa.BigInteger, nullable=False),
 )
+
+# Every blob each version needs (its manifest and the stored files it lists): the reverse index
+# that lets a server answer "may this caller read this digest?" with one indexed query, and
+# lets gc mark without reading manifests (migration 0003).
+version_blobs = sa.Table(
+    "version_blobs",
+    metadata,
+    sa.Column("digest", sa.String(64), primary_key=True),
+    sa.Column("version_id", BigId, sa.ForeignKey("versions.id"), primary_key=True),
+    sa.Index("ix_version_blobs_version", "version_id"),
+)
+
+# Users, their API tokens (stored as SHA-256 of the token: tokens are random, 256 bits) and
+# project membership with roles reader < writer < admin (migration 0003).
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(128), nullable=False, unique=True),
+    sa.Column("is_admin", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+tokens = sa.Table(
+    "tokens",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("user_id", BigId, sa.ForeignKey("users.id"), nullable=False, index=True),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("revoked_at", sa.Float),
+)
+
+members = sa.Table(
+    "members",
+    metadata,
+    sa.Column("project_id", BigId, sa.ForeignKey("projects.id"), primary_key=True),
+    sa.Column("user_id", BigId, sa.ForeignKey("users.id"), primary_key=True),
+    sa.Column("role", sa.String(16), nullable=False),
+)
