@@ -30,7 +30,7 @@ from tessera.api.table import (
     TableVersion,
     UnmatchedImagesWarning,
 )
-from tessera.backend.local import LocalBackend
+from tessera.config import open_backend
 from tessera.errors import (
     ConflictError,
     DigestMismatchError,
@@ -58,16 +58,21 @@ def init(
     name: str | None = None,
     config: dict[str, Any] | None = None,
     dir: str | os.PathLike[str] | None = None,
+    server: str | None = None,
 ) -> Run:
-    """Start a run in ``project``. ``dir`` (or ``$TESSERA_DIR``, default ``./.tessera``) is
-    the store; it is created on first use."""
+    """Start a run in ``project``.
+
+    ``dir`` (or ``$TESSERA_DIR``, default ``./.tessera``) is the store, created on first use.
+    With ``server`` (or ``$TESSERA_SERVER``) the run is logged to that Tessera server instead,
+    and ``dir`` is its local cache; the token comes from ``$TESSERA_TOKEN`` or
+    ``tessera login``."""
     check_name(project, "project")
     if name is not None:
         check_name(name, "run")
     if config is not None and not isinstance(config, dict):
         raise TypeError(f"config must be a dict, got {type(config).__name__}")
     config_json = to_json(config or {}, "config")
-    backend = LocalBackend.open(dir, create=True)
+    backend = open_backend(dir, server, create=True)
     try:
         backend.mark_stale_runs()
         record = backend.create_run(project, name, config_json)
@@ -77,12 +82,14 @@ def init(
     return Run(backend, record)
 
 
-def sql(query: str, dir: str | os.PathLike[str] | None = None) -> pd.DataFrame:
+def sql(
+    query: str, dir: str | os.PathLike[str] | None = None, server: str | None = None
+) -> pd.DataFrame:
     """Run one read-only SELECT over the views ``runs``, ``datasets``, ``samples`` and
     ``predictions`` of a store (see ``tessera.analysis.queries``); returns a DataFrame."""
     from tessera.analysis.queries import connect, register_views, run_readonly_sql
 
-    backend = LocalBackend.open(dir)
+    backend = open_backend(dir, server)
     con = connect()
     try:
         register_views(con, backend)
@@ -92,9 +99,11 @@ def sql(query: str, dir: str | os.PathLike[str] | None = None) -> pd.DataFrame:
         backend.close()
 
 
-def open_store(dir: str | os.PathLike[str] | None = None) -> StoreBrowser:
+def open_store(
+    dir: str | os.PathLike[str] | None = None, server: str | None = None
+) -> StoreBrowser:
     """Browse an existing store read-only: projects, runs, artifacts, versions, lineage."""
-    backend = LocalBackend.open(dir)
+    backend = open_backend(dir, server)
     backend.mark_stale_runs()
     return StoreBrowser(backend)
 

@@ -304,6 +304,248 @@ def sql_command(
         out.print(f"({len(frame)} rows; {limit} shown)")
 
 
+ServerOption = Annotated[
+    str | None,
+    typer.Option(
+        "--server",
+        envvar="TESSERA_SERVER",
+        help="Tessera server URL ($TESSERA_SERVER).",
+        show_default=False,
+    ),
+]
+
+
+def _require_server(server: str | None) -> str:
+    from tessera.config import server_url
+
+    url = server_url(server)
+    if url is None:
+        raise typer.BadParameter("give --server URL or set TESSERA_SERVER", param_hint="--server")
+    return url
+
+
+def _http(server: str | None, dir: Path | None = None) -> Any:
+    from tessera.backend.http import HttpBackend
+    from tessera.config import token_for
+
+    url = _require_server(server)
+    return HttpBackend.open(url, token_for(url), dir)
+
+
+@app.command()
+def server(
+    dir: DirOption = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    public_read: Annotated[
+        bool, typer.Option("--public-read", help="Let anyone read every project without a token.")
+    ] = False,
+    max_blob_size: Annotated[
+        str, typer.Option(help="Largest blob accepted, e.g. 512M, 64G.")
+    ] = "64G",
+    workers: Annotated[int, typer.Option(help="Worker processes (each shares the one store).")] = 1,
+) -> None:
+    """Serve a store over HTTP (API under /api/v1). On first start, creates an admin and prints
+    its token once."""
+    import uvicorn
+
+    from tessera.server.app import Settings, create_app
+    from tessera.server.auth import hash_token, new_token
+    from tessera.store import Store, default_dir
+    from tessera.store.catalog import AuthCatalog
+
+    root = Path(dir) if dir is not None else default_dir()
+    store = Store.open(root, create=True)
+    auth = AuthCatalog(store.catalog)
+    if auth.user_count() == 0:
+        admin = auth.ensure_user("admin", is_admin=True)
+        token = new_token()
+        auth.create_token(admin, "first admin token", hash_token(token))
+        out.print(
+            f"created user [bold]admin[/bold]; its token (shown once, keep it):\n{token}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    store.close()
+    settings = Settings(
+        dir=root.absolute(), public_read=public_read, max_blob_bytes=int(parse_size(max_blob_size))
+    )
+    err.print(
+        f"serving {root.absolute()} on http://{host}:{port} (API: /api/v1, docs: /api/v1/docs)"
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level="warning",
+        workers=None if workers == 1 else workers,
+    )
+
+
+def parse_size(text: str) -> float:
+    """``1024``, ``512K``, ``64M``, ``2G`` → bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)[bB]?\s*", text)
+    if not match:
+        raise typer.BadParameter(f"{text!r} is not a size; write e.g. 512M or 64G")
+    number, unit = match.groups()
+    return (
+        float(number) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}[unit.lower()]
+    )
+
+
+@app.command()
+def login(
+    url: Annotated[str, typer.Argument(help="The server, e.g. http://127.0.0.1:8080")],
+    token: Annotated[str | None, typer.Option(help="The token (asked for if not given).")] = None,
+) -> None:
+    """Save a token for a server in your user config (readable by you alone)."""
+    import httpx
+
+    from tessera import wire
+    from tessera.config import normalise_url, save_token
+
+    url = normalise_url(url)
+    if token is None:
+        token = typer.prompt("token", hide_input=True)
+    try:
+        response = httpx.get(
+            f"{url}/api/v1/me", headers={"Authorization": f"Bearer {token}"}, timeout=30
+        )
+    except httpx.TransportError as e:
+        raise TesseraError(f"cannot reach {url}: {e}") from None
+    if response.status_code != 200:
+        wire.raise_error(response.status_code, response.json())
+    me = response.json()
+    path = save_token(url, token)
+    out.print(f"signed in to {url} as [bold]{me['user']}[/bold]; token saved in {path}")
+
+
+token_app = typer.Typer(help="Create, list and revoke API tokens.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+
+@token_app.command("create")
+def token_create(
+    name: Annotated[str, typer.Option(help="A label for the token.")] = "token",
+    user: Annotated[
+        str | None, typer.Option(help="Another user (admins only; created if new).")
+    ] = None,
+    admin: Annotated[bool, typer.Option("--admin", help="Make that user a server admin.")] = False,
+    server: ServerOption = None,
+) -> None:
+    """Create a token (shown once)."""
+    backend = _http(server)
+    try:
+        data = backend.request(
+            "POST", "/api/v1/tokens", json={"name": name, "user": user, "admin": admin}
+        )
+    finally:
+        backend.close()
+    out.print(f"token {data['id']} for {data['user']} (shown once):")
+    out.print(data["token"], highlight=False, soft_wrap=True)
+
+
+@token_app.command("list")
+def token_list(server: ServerOption = None) -> None:
+    """List your tokens (an admin sees everyone's)."""
+    backend = _http(server)
+    try:
+        rows = backend.request("GET", "/api/v1/tokens")
+    finally:
+        backend.close()
+    table = Table("id", "user", "name", "created", "revoked")
+    for row in rows:
+        table.add_row(
+            row["id"], row["user"], row["name"], _when(row["created_at"]), _when(row["revoked_at"])
+        )
+    out.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: Annotated[str, typer.Argument(help="The token's id (tok_…).")],
+    server: ServerOption = None,
+) -> None:
+    """Revoke a token: it stops working at once."""
+    backend = _http(server)
+    try:
+        backend.request("DELETE", f"/api/v1/tokens/{token_id}")
+    finally:
+        backend.close()
+    out.print(f"revoked {token_id}")
+
+
+@app.command()
+def member(
+    project: Annotated[str, typer.Argument(help="The project.")],
+    user: Annotated[str, typer.Argument(help="The user (created if new).")],
+    role: Annotated[str, typer.Argument(help="reader, writer, admin, or none to remove.")],
+    server: ServerOption = None,
+) -> None:
+    """Give a user a role in a project (needs the admin role there)."""
+    backend = _http(server)
+    try:
+        backend.request(
+            "PUT",
+            f"/api/v1/projects/{project}/members/{user}",
+            json={"role": None if role == "none" else role},
+        )
+    finally:
+        backend.close()
+    out.print(f"{user} is now {'not a member' if role == 'none' else 'a ' + role} of {project}")
+
+
+@app.command()
+def push(
+    project: Annotated[
+        list[str] | None, typer.Option(help="Only this project (repeatable).")
+    ] = None,
+    server: ServerOption = None,
+    dir: DirOption = None,
+) -> None:
+    """Send runs and versions of the local store to a server; only missing blobs travel."""
+    from tessera.sync import sync
+
+    local = _open(dir)
+    remote = _http(server, dir)
+    try:
+        report = sync(local, remote, project or None)
+    finally:
+        remote.close()
+        local.close()
+    out.print(
+        f"pushed {report.runs} runs and {report.versions} versions "
+        f"({report.new_versions} new) of {', '.join(report.projects) or 'no projects'}; "
+        f"sent {report.blobs_sent} blobs ({human_bytes(report.bytes_sent)})"
+    )
+
+
+@app.command()
+def pull(
+    project: Annotated[
+        list[str] | None, typer.Option(help="Only this project (repeatable).")
+    ] = None,
+    server: ServerOption = None,
+    dir: DirOption = None,
+) -> None:
+    """Fetch runs and versions from a server into the local store; only missing blobs travel."""
+    from tessera.backend.local import LocalBackend
+    from tessera.sync import sync
+
+    local = LocalBackend.open(dir, create=True)
+    remote = _http(server, dir)
+    try:
+        report = sync(remote, local, project or None)
+    finally:
+        remote.close()
+        local.close()
+    out.print(
+        f"pulled {report.runs} runs and {report.versions} versions "
+        f"({report.new_versions} new) of {', '.join(report.projects) or 'no projects'}; "
+        f"fetched {report.blobs_sent} blobs ({human_bytes(report.bytes_sent)})"
+    )
+
+
 def main() -> None:
     try:
         app()

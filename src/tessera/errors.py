@@ -37,7 +37,11 @@ class MissingBlobsError(ConflictError):
 
 
 class AuthError(TesseraError, PermissionError):
-    """No valid token, or the token's user may not do this."""
+    """The caller may not do this."""
+
+
+class NotSignedInError(AuthError):
+    """No token, or an unknown or revoked one (HTTP 401)."""
 
 
 class StoreNotFoundError(TesseraError):

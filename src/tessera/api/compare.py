@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from tessera.analysis import metrics as m
 from tessera.analysis.queries import connect, parquet_paths, sql_list
 from tessera.backend.base import Backend
-from tessera.backend.local import LocalBackend
+from tessera.config import open_backend
 from tessera.errors import NotFoundError, TesseraError
 from tessera.names import check_name, parse_version_spec
 from tessera.store.catalog import RunRecord, VersionRecord
@@ -63,6 +63,7 @@ def compare(
     predictions: str = "predictions",
     project: str | None = None,
     dir: str | os.PathLike[str] | None = None,
+    server: str | None = None,
 ) -> Comparison:
     """Join every predictions table logged on ``dataset`` by sample id.
 
@@ -71,7 +72,7 @@ def compare(
     flagged). ``runs`` selects runs by name or id (default: every run that logged
     ``predictions`` on it).
     """
-    backend = LocalBackend.open(dir)
+    backend = open_backend(dir, server)
     try:
         return Comparison(backend, dataset, runs, predictions, project, owns_backend=True)
     except BaseException:

@@ -244,7 +244,7 @@ def _read_label_csv(path: Path, root: Path) -> dict[str, dict[str, Any]]:
 # -- logging -------------------------------------------------------------------------------------
 
 
-def store_dataset(backend: Backend, ds: Dataset) -> Manifest:
+def store_dataset(backend: Backend, project: str, ds: Dataset) -> Manifest:
     """Upload every image and the sample table; return the manifest to commit."""
     if not len(ds):
         raise DatasetError(f"dataset {ds.name!r} has no samples; add some with ds.add(...)")
@@ -273,7 +273,7 @@ def store_dataset(backend: Backend, ds: Dataset) -> Manifest:
     with ThreadPoolExecutor(_DECODE_WORKERS) as pool:
         prepared = list(pool.map(prepare, ds._samples))
     sources = _unique_paths([p[0] for p in prepared])
-    entries = backend.upload(sources)
+    entries = backend.upload(project, sources)
 
     columns: dict[str, list[Any]] = {
         "id": [],
@@ -310,7 +310,7 @@ def store_dataset(backend: Backend, ds: Dataset) -> Manifest:
             raise DatasetError(f"column {key!r} mixes types across samples ({e})") from None
     table = pa.table(arrays)
     table_bytes = write_parquet(table)
-    (table_entry,) = backend.upload([Source(path=SAMPLES_FILE, data=table_bytes)])
+    (table_entry,) = backend.upload(project, [Source(path=SAMPLES_FILE, data=table_bytes)])
     metadata = {
         "kind": "dataset",
         "classes": classes,
@@ -500,7 +500,9 @@ class DatasetVersion(ArtifactVersion):
             for c in wanted:
                 if c == "image":
                     assert digests is not None
-                    arrays = list(pool.map(reader.decode, [digests[r] for r in rows]))
+                    needed = [digests[r] for r in rows]
+                    self._backend.fetch(needed)
+                    arrays = list(pool.map(reader.decode, needed))
                     shapes = {a.shape for a in arrays}
                     out[c] = np.stack(arrays) if len(shapes) == 1 else arrays
                 else:

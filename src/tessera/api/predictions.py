@@ -277,8 +277,10 @@ class PredictionWriter:
         data = self._sink.getvalue().to_pybytes()
         run = self._run
         backend = run._backend
-        media_entries = backend.upload(list(self._media.values())) if self._media else []
-        (entry,) = backend.upload([Source(path=PREDICTIONS_FILE, data=data)])
+        project = run.project
+        media = list(self._media.values())
+        media_entries = backend.upload(project, media) if media else []
+        (entry,) = backend.upload(project, [Source(path=PREDICTIONS_FILE, data=data)])
         dataset = self._dataset
         metadata = {
             "kind": "predictions",
@@ -291,7 +293,7 @@ class PredictionWriter:
             "image_columns": sorted(self._media_columns),
         }
         manifest = Manifest.build([*media_entries, entry], metadata)
-        digest = backend.put_manifest(manifest)
+        digest = backend.put_manifest(project, manifest)
         record, _created = backend.commit_version(
             project=run.project,
             name=self.name,

@@ -117,9 +117,9 @@ class Run:
             raise ValueError(
                 f"artifact {artifact.name!r} has no files; add some with add_file or add_dir"
             )
-        entries = self._backend.upload(list(artifact._sources.values()))
+        entries = self._backend.upload(self.project, list(artifact._sources.values()))
         manifest = Manifest.build(entries, artifact.metadata)
-        digest = self._backend.put_manifest(manifest)
+        digest = self._backend.put_manifest(self.project, manifest)
         record, _created = self._backend.commit_version(
             project=self.project,
             name=artifact.name,
@@ -150,8 +150,8 @@ class Run:
         if not isinstance(dataset, Dataset):
             raise TypeError(f"log_dataset takes a tessera.Dataset, got {type(dataset).__name__}")
         aliases = _aliases(aliases)
-        manifest = store_dataset(self._backend, dataset)
-        digest = self._backend.put_manifest(manifest)
+        manifest = store_dataset(self._backend, self.project, dataset)
+        digest = self._backend.put_manifest(self.project, manifest)
         record, _created = self._backend.commit_version(
             project=self.project,
             name=dataset.name,
@@ -177,8 +177,8 @@ class Run:
         check_name(name, "table")
         if not isinstance(table, Table):
             raise TypeError(f"log_table takes a tessera.Table, got {type(table).__name__}")
-        manifest, row, unmatched, new_bytes = store_table(self._backend, name, table)
-        digest = self._backend.put_manifest(manifest)
+        manifest, row, unmatched, new_bytes = store_table(self._backend, self.project, name, table)
+        digest = self._backend.put_manifest(self.project, manifest)
         record, _created = self._backend.commit_version(
             project=self.project,
             name=name,

@@ -165,7 +165,9 @@ def _is_media_cell(value: Any) -> bool:
     )
 
 
-def store_table(backend: Backend, name: str, table: Table) -> tuple[Manifest, TableRow, int, int]:
+def store_table(
+    backend: Backend, project: str, name: str, table: Table
+) -> tuple[Manifest, TableRow, int, int]:
     """Resolve images, upload media and the Parquet file; return the manifest, the table row,
     and the count and bytes of images stored as new media."""
     if table._arrow is not None:
@@ -193,8 +195,9 @@ def store_table(backend: Backend, name: str, table: Table) -> tuple[Manifest, Ta
         if resolved.sample_ids is not None and "id" not in arrays:
             arrays = {"id": pa.array(resolved.sample_ids, pa.string()), **arrays}
         arrow = pa.table(arrays)
-    media_entries = backend.upload(list(resolved.sources.values())) if resolved.sources else []
-    (table_entry,) = backend.upload([Source(path=TABLE_FILE, data=write_parquet(arrow))])
+    media = list(resolved.sources.values())
+    media_entries = backend.upload(project, media) if media else []
+    (table_entry,) = backend.upload(project, [Source(path=TABLE_FILE, data=write_parquet(arrow))])
     dataset_spec = (
         backend.version_by_id(resolved.dataset_version_id).spec
         if resolved.dataset_version_id is not None

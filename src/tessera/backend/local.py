@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from tessera import runtime
 from tessera.backend.base import Source
 from tessera.backend.ingest import digest_sources
-from tessera.errors import MissingBlobsError
+from tessera.errors import DigestMismatchError, MissingBlobsError
 from tessera.names import VersionSpec, parse_version_spec
 from tessera.store import Store, derived
 from tessera.store.catalog import (
@@ -83,7 +84,7 @@ class LocalBackend:
 
     # -- artifacts ---------------------------------------------------------------------------
 
-    def upload(self, sources: list[Source]) -> list[FileEntry]:
+    def upload(self, project: str, sources: list[Source]) -> list[FileEntry]:
         """Store the bytes of every source but references; return their entries.
 
         Written in one blob batch: durable with one sync, visible under digest names only once
@@ -92,7 +93,23 @@ class LocalBackend:
         with self.store.blobs.batch() as batch:
             return digest_sources(sources, self.store.stat_cache, batch)
 
-    def put_manifest(self, manifest: Manifest) -> str:
+    def receive_blobs(
+        self, project: str, digests: list[str], source: Callable[[str], Path]
+    ) -> tuple[int, int]:
+        """Copy in the blobs this store lacks from files ``source(digest)``; (count, bytes)."""
+        count = size = 0
+        with self.store.blobs.batch() as batch:
+            for digest in digests:
+                if batch.reuse(digest):
+                    continue
+                actual, n = batch.put_file(source(digest))
+                if actual != digest:
+                    raise DigestMismatchError(f"blob {digest} arrived as {actual}")
+                count += 1
+                size += n
+        return count, size
+
+    def put_manifest(self, project: str, manifest: Manifest) -> str:
         return self.store.blobs.put_bytes(manifest.to_bytes())
 
     def commit_version(
@@ -181,6 +198,9 @@ class LocalBackend:
 
     def blob_path(self, digest: str) -> Path | None:
         return self.store.blobs.local_path(digest)
+
+    def fetch(self, digests: list[str]) -> None:
+        """Every blob is local already."""
 
     def local_root(self) -> Path | None:
         """The store folder, whose ``blobs/ab/cd/<digest>`` files may be read directly."""

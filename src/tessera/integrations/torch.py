@@ -38,6 +38,7 @@ class TorchDataset(Dataset):
         self._digests: list[str] = table.column("image").to_pylist()
         labels = table.column("label").to_pylist()
         self._labels = [-1 if label is None else int(label) for label in labels]
+        dataset._backend.fetch(self._digests)  # a remote store: have every image locally first
         self._reader: BlobReader = dataset.blob_reader()
         self.transform = transform
         self.classes = dataset.classes

@@ -1,0 +1,74 @@
+"""Push and pull: copy projects between a local store and a server, sending only what is missing.
+
+Runs keep their ids (so a second push updates, not duplicates), versions are committed in the
+order they were made (a predictions table after the dataset it is bound to), and blobs travel
+only when the destination lacks them. Both directions are idempotent. Version *numbers* are the
+destination's: pushing into a project that already has versions continues its numbering.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tessera.backend.base import Backend
+
+
+@dataclass
+class SyncReport:
+    projects: list[str] = field(default_factory=list)
+    runs: int = 0
+    versions: int = 0
+    new_versions: int = 0
+    blobs_sent: int = 0
+    bytes_sent: int = 0
+
+
+def sync(src: Backend, dst: Backend, projects: list[str] | None = None) -> SyncReport:
+    report = SyncReport()
+    names = projects or [p.name for p in src.projects()]
+    all_versions = src.all_versions()
+    for project in names:
+        report.projects.append(project)
+        runs = src.runs(project)
+        for run in runs:
+            dst.import_run(run)
+            dst.replace_metrics(run.id, src.metric_history(run.id))
+            report.runs += 1
+        mapped: dict[int, int] = {}
+        versions = sorted(
+            (v for v in all_versions if v.project == project), key=lambda v: (v.created_at, v.id)
+        )
+        for version in versions:
+            manifest = src.read_manifest(version.digest)
+            digests = sorted({version.digest, *manifest.stored_digests()})
+            blobs, sent = dst.receive_blobs(project, digests, src.blob_path)
+            report.blobs_sent += blobs
+            report.bytes_sent += sent
+            record, created = dst.commit_version(
+                project=project,
+                name=version.artifact,
+                type=version.type,
+                description=version.description,
+                manifest=manifest,
+                digest=version.digest,
+                run_id=version.run_id,
+                aliases=tuple(a for a in version.aliases if a != "latest"),
+            )
+            mapped[version.id] = record.id
+            report.versions += 1
+            report.new_versions += int(created)
+        for run in runs:
+            for used in src.run_versions(run.id)["used"]:
+                target = mapped.get(used.id)
+                if target is None:  # a version of another project: find it by digest
+                    found = [
+                        v
+                        for v in dst.all_versions()
+                        if v.project == used.project
+                        and v.artifact == used.artifact
+                        and v.digest == used.digest
+                    ]
+                    target = found[0].id if found else None
+                if target is not None:
+                    dst.record_use(run.id, target)
+    return report
