@@ -12,7 +12,10 @@ import pytest
 import tessera
 from tessera.errors import InvalidNameError, RunFinishedError, StoreNotFoundError
 
+both = pytest.mark.both_backends
 
+
+@both
 def test_run_lifecycle_metrics_and_summary(store_dir):
     with tessera.init(
         project="p", name="first", config={"lr": 0.1, "layers": [1, 2]}, dir=store_dir
@@ -35,6 +38,7 @@ def test_run_lifecycle_metrics_and_summary(store_dir):
         assert store.history(record.id)["loss"][-1] == (11, 0.2)
 
 
+@both
 def test_default_run_names_and_tessera_dir_env(store_dir, monkeypatch):
     monkeypatch.setenv("TESSERA_DIR", str(store_dir))
     with tessera.init(project="p") as a, tessera.init(project="p") as b:
@@ -43,6 +47,7 @@ def test_default_run_names_and_tessera_dir_env(store_dir, monkeypatch):
     assert (store_dir / "catalog.db").exists()
 
 
+@both
 def test_exception_marks_run_failed(store_dir):
     with pytest.raises(ZeroDivisionError), tessera.init(project="p", dir=store_dir) as run:
         1 / 0  # noqa: B018
@@ -50,6 +55,7 @@ def test_exception_marks_run_failed(store_dir):
         assert store.run(run.id).status == "failed"
 
 
+@both
 def test_finished_run_refuses_more_logging(store_dir):
     run = tessera.init(project="p", dir=store_dir)
     run.finish()
@@ -60,6 +66,7 @@ def test_finished_run_refuses_more_logging(store_dir):
         run.summary["x"] = 1
 
 
+@both
 @pytest.mark.parametrize(
     ("data", "error"),
     [
@@ -76,6 +83,7 @@ def test_bad_metrics_are_refused_and_nothing_is_logged(store_dir, data, error):
         assert run.history() == {}
 
 
+@both
 def test_bad_step_and_config(store_dir):
     with tessera.init(project="p", dir=store_dir) as run:
         for step in (-1, 1.5, "3", True):
@@ -89,6 +97,7 @@ def test_bad_step_and_config(store_dir):
         tessera.init(project="p", name="../x", dir=store_dir)
 
 
+@both
 def test_non_finite_metrics_become_null(store_dir):
     with tessera.init(project="p", dir=store_dir) as run:
         run.log({"loss": float("nan"), "inf": float("inf")})
@@ -113,6 +122,7 @@ def _run_script(store_dir, body: str, **kwargs) -> subprocess.Popen:
     )
 
 
+@both
 def test_process_exit_without_finish_marks_finished(store_dir):
     child = _run_script(store_dir, "run.log({'x': 1})\n")
     run_id = child.stdout.readline().strip()
@@ -121,6 +131,7 @@ def test_process_exit_without_finish_marks_finished(store_dir):
         assert store.run(run_id).status == "finished"
 
 
+@both
 def test_uncaught_exception_marks_failed(store_dir):
     child = _run_script(store_dir, "raise SystemError('boom')\n", stderr=subprocess.DEVNULL)
     run_id = child.stdout.readline().strip()
@@ -129,6 +140,7 @@ def test_uncaught_exception_marks_failed(store_dir):
         assert store.run(run_id).status == "failed"
 
 
+@both
 def test_killed_process_is_marked_crashed(store_dir):
     child = _run_script(store_dir, "time.sleep(60)\n")
     run_id = child.stdout.readline().strip()

@@ -358,6 +358,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/api/v1/runs/{run_id}")
     def get_run(run_id: str, caller: Caller) -> dict[str, Any]:
+        backend.mark_stale_runs()
         record, project = run_project(run_id)
         caller.require(project, "reader")
         return wire.dump(record)
