@@ -87,8 +87,17 @@ class ServerProcess:
         import httpx
 
         self.process = self._subprocess.Popen(
-            [self._sys.executable, "-c", "from tessera.cli import main; main()", "server",
-             "--dir", str(self.store), "--port", str(self.port), *self.extra],
+            [
+                self._sys.executable,
+                "-c",
+                "from tessera.cli import main; main()",
+                "server",
+                "--dir",
+                str(self.store),
+                "--port",
+                str(self.port),
+                *self.extra,
+            ],
             stdout=open(self.log, "ab"),  # noqa: SIM115 - the child owns it
             stderr=self._subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -119,7 +128,7 @@ class ServerProcess:
             self.process.wait(30)
         self.process = None
 
-    def client(self, token: str | None = None):  # noqa: ANN201 - httpx.Client
+    def client(self, token: str | None = None):
         import httpx
 
         headers = {"Authorization": f"Bearer {token}"} if token else {}

@@ -3,7 +3,6 @@
 import numpy as np
 
 import tessera
-
 from conftest import make_images
 
 
