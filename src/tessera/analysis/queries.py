@@ -31,23 +31,22 @@ class QueryError(TesseraError, ValueError):
     """A SQL query that was refused or failed."""
 
 
-def connect(threads: int | None = None) -> duckdb.DuckDBPyConnection:
+def connect(backend: Backend | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB that can read the backend's Parquet blobs."""
     con = duckdb.connect(":memory:")
-    if threads:
-        con.execute(f"SET threads = {int(threads)}")
+    if backend is not None:
+        backend.register_duckdb(con)
     return con
 
 
 def parquet_paths(backend: Backend, manifest: Manifest) -> list[str]:
-    """Local paths of a version's Parquet files, in path order."""
-    paths = []
-    for entry in manifest.files.values():
-        if entry.path.endswith(".parquet"):
-            path = backend.blob_path(entry.digest)
-            if path is None:
-                raise TesseraError("analysis needs a store with local blob files")
-            paths.append(str(path))
-    return paths
+    """Where DuckDB reads a version's Parquet files (local paths, or bucket URLs through the
+    filesystem ``connect(backend)`` registered), in path order."""
+    return [
+        backend.duckdb_source(entry.digest)
+        for entry in manifest.files.values()
+        if entry.path.endswith(".parquet")
+    ]
 
 
 def sql_list(values: list[str]) -> str:

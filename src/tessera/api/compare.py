@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
 from tessera.analysis import metrics as m
 from tessera.analysis.queries import connect, parquet_paths, sql_list
@@ -100,8 +99,8 @@ class Comparison:
         latest = self.versions[-1]
         latest_manifest = backend.read_manifest(latest.digest)
         self.classes: list[str] | None = latest_manifest.metadata.get("classes")
-        self.runs = _select_runs(backend, self.versions, predictions, runs, dataset)
-        self._con = connect()
+        self._con = connect(backend)
+        self.runs = _select_runs(backend, self._con, self.versions, predictions, runs, dataset)
         self._build()
 
     # -- set-up ------------------------------------------------------------------------------
@@ -123,7 +122,7 @@ class Comparison:
         selects = []
         for run in self.runs:
             paths = parquet_paths(backend, backend.read_manifest(run.table.digest))
-            names = set(pq.read_schema(paths[0]).names)
+            names = parquet_columns(con, paths[0])
             source = f"read_parquet({sql_list(paths)})"
             scores = "scores::FLOAT[]" if "scores" in names else "NULL::FLOAT[]"
             pred = "pred" if "pred" in names else "NULL::INTEGER"
@@ -512,8 +511,14 @@ def _dataset_versions(backend: Backend, dataset: str, project: str | None) -> li
     return versions
 
 
+def parquet_columns(con: Any, path: str) -> set[str]:
+    rows = con.execute("SELECT name FROM parquet_schema(?)", [path]).fetchall()
+    return {r[0] for r in rows}
+
+
 def _select_runs(
     backend: Backend,
+    con: Any,
     versions: list[VersionRecord],
     predictions: str,
     runs: list[str] | str | None,
@@ -552,6 +557,6 @@ def _select_runs(
         label = run.name if names.count(run.name) == 1 else f"{run.name}-{run.id[:6]}"
         manifest = backend.read_manifest(table.digest)
         paths = parquet_paths(backend, manifest)
-        has_scores = "scores" in pq.read_schema(paths[0]).names
+        has_scores = "scores" in parquet_columns(con, paths[0])
         out.append(ComparedRun(index, label, run, table, version, has_scores))
     return out

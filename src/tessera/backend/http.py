@@ -65,7 +65,7 @@ class HttpBackend:
 
     @classmethod
     def open(cls, url: str, token: str | None, dir: str | os.PathLike[str] | None) -> HttpBackend:
-        return cls(url, token, Store.open(dir, create=True))
+        return cls(url, token, Store.open(dir, create=True, local_only=True))
 
     def close(self) -> None:
         self.client.close()
@@ -323,6 +323,12 @@ class HttpBackend:
 
     def local_root(self) -> Path:
         return self.cache.root
+
+    def duckdb_source(self, digest: str) -> str:
+        return str(self.blob_path(digest))
+
+    def register_duckdb(self, con: Any) -> None:
+        """Blobs are read from the local cache: nothing to register."""
 
     def read_manifest(self, digest: str) -> Manifest:
         return Manifest.from_bytes(self.blob_path(digest).read_bytes(), digest)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -134,7 +135,9 @@ class LocalBackend:
                 sorted(missing),
             )
         samples = (
-            derived.sample_rows(manifest, self.store.blobs.path_of) if type == "dataset" else None
+            derived.sample_rows(manifest, self.store.blobs.local_path)
+            if type == "dataset"
+            else None
         )
         table = derived.table_row(type, name, manifest, self._find_dataset)
         return self.catalog.commit_version(
@@ -200,11 +203,22 @@ class LocalBackend:
         return self.store.blobs.local_path(digest)
 
     def fetch(self, digests: list[str]) -> None:
-        """Every blob is local already."""
+        """Make sure these blobs are readable as local files (a no-op for a folder store)."""
+        if self.store.blobs.local_root == self.store.root:
+            return
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(self.store.blobs.local_path, set(digests)))
 
     def local_root(self) -> Path | None:
-        """The store folder, whose ``blobs/ab/cd/<digest>`` files may be read directly."""
-        return self.store.root
+        """The folder whose ``blobs/ab/cd/<digest>`` files may be read directly (the store
+        folder, or the local cache of a bucket)."""
+        return self.store.blobs.local_root
+
+    def duckdb_source(self, digest: str) -> str:
+        return self.store.blobs.duckdb_path(digest)
+
+    def register_duckdb(self, con: Any) -> None:
+        self.store.blobs.register_duckdb(con)
 
     # -- browsing ----------------------------------------------------------------------------
 

@@ -312,7 +312,7 @@ def create_app(settings: Settings) -> FastAPI:
             if caller.anonymous and not settings.public_read:
                 caller.require_user()
             raise NotFoundError(f"no blob {digest} in a project you may read")
-        path = backend.store.blobs.path_of(digest)
+        path = backend.store.blobs.local_path(digest)
         headers = {
             "ETag": f'"{digest}"',
             "Cache-Control": "private, max-age=31536000, immutable",
@@ -544,10 +544,10 @@ def _too_large(limit: int) -> JSONResponse:
 
 def _adopt(blobs: Any, digest: str, temp: Path) -> bool:
     """Move a received, verified temp file into the store; False if it was already there."""
-    if blobs.touch(digest):
-        return False
     with blobs.batch() as batch:
-        batch._stage(digest, temp)
+        if batch.reuse(digest):
+            return False
+        batch.put_verified_file(temp, digest)
     return True
 
 

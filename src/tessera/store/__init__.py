@@ -1,5 +1,13 @@
 """A store: a catalog (SQL) plus a blob store (bytes by digest), opened from one place.
 
+Where the catalog and the blobs live is chosen by URL, resolved in this order: the arguments
+(``--catalog``/``--blobs``), then ``$TESSERA_CATALOG``/``$TESSERA_BLOBS``, then what the store
+folder's ``tessera.json`` recorded when it was created, then the embedded default (SQLite and a
+blob folder inside the store folder). Catalog: ``sqlite:///PATH`` or
+``postgresql+psycopg://user@host:port/db``. Blobs: ``file:///PATH`` or ``s3://bucket/prefix``
+(credentials and endpoint from the usual ``AWS_*`` variables). The folder itself always holds
+the marker, temp files and caches.
+
 The embedded layout is a folder::
 
     .tessera/
@@ -16,9 +24,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from tessera.errors import StoreFormatError, StoreNotFoundError
 from tessera.store.blobs import LocalBlobStore
@@ -38,14 +48,23 @@ def default_dir() -> Path:
 class Store:
     """Catalog + blobs + stat cache of one embedded store folder."""
 
-    def __init__(self, root: Path, catalog: Catalog, blobs: LocalBlobStore):
+    def __init__(self, root: Path, catalog: Catalog, blobs: Any):
         self.root = root
         self.catalog = catalog
         self.blobs = blobs
         self.stat_cache = StatCache(root / "cache" / "stat.sqlite")
 
     @classmethod
-    def open(cls, root: str | os.PathLike[str] | None = None, create: bool = False) -> Store:
+    def open(
+        cls,
+        root: str | os.PathLike[str] | None = None,
+        create: bool = False,
+        catalog: str | None = None,
+        blobs: str | None = None,
+        local_only: bool = False,
+    ) -> Store:
+        """Open (or with ``create``, create) the store at folder ``root``. ``local_only``
+        ignores ``$TESSERA_CATALOG``/``$TESSERA_BLOBS`` (for a client's local cache)."""
         root = Path(root) if root is not None else default_dir()
         root = root.absolute()
         marker = root / MARKER
@@ -57,15 +76,21 @@ class Store:
                 )
             if root.exists() and not root.is_dir():
                 raise StoreFormatError(f"{root} exists and is not a folder; choose another --dir")
+        if not local_only:
+            catalog = catalog or os.environ.get("TESSERA_CATALOG") or None
+            blobs = blobs or os.environ.get("TESSERA_BLOBS") or None
         with _store_lock(root, create):
             if not marker.exists():
-                _write_marker(root)
-            _check_marker(marker)
-            blobs = LocalBlobStore(root)
-            blobs.create()
-            catalog = Catalog(f"sqlite:///{root / 'catalog.db'}", sqlite_path=root / "catalog.db")
-            catalog.upgrade(blobs)
-        return cls(root, catalog, blobs)
+                _write_marker(root, catalog, blobs)
+            recorded = _check_marker(marker)
+            catalog_url = catalog or recorded.get("catalog") or f"sqlite:///{root / 'catalog.db'}"
+            blobs_url = blobs or recorded.get("blobs") or root.as_uri()
+            blob_store = open_blob_store(blobs_url, root)
+            blob_store.create()
+            sqlite_path = root / "catalog.db" if catalog_url.startswith("sqlite") else None
+            catalog_db = Catalog(catalog_url, sqlite_path=sqlite_path)
+            catalog_db.upgrade(blob_store)
+        return cls(root, catalog_db, blob_store)
 
     def close(self) -> None:
         self.stat_cache.close()
@@ -84,13 +109,29 @@ def _store_lock(root: Path, create: bool) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _write_marker(root: Path) -> None:
+def open_blob_store(url: str, root: Path) -> Any:
+    """A LocalBlobStore for ``file://`` URLs, an S3BlobStore for ``s3://`` ones."""
+    if url.startswith("s3://"):
+        from tessera.store.s3 import S3BlobStore
+
+        return S3BlobStore(url, root / "cache")
+    if url.startswith("file://"):
+        return LocalBlobStore(Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)))
+    raise StoreFormatError(f"blob store URL must start with file:// or s3://, got {url!r}")
+
+
+def _write_marker(root: Path, catalog: str | None, blobs: str | None) -> None:
+    doc: dict[str, Any] = {"format": STORE_FORMAT}
+    if catalog:
+        doc["catalog"] = catalog
+    if blobs:
+        doc["blobs"] = blobs
     temp = root / f"{MARKER}.tmp"
-    temp.write_text(json.dumps({"format": STORE_FORMAT}) + "\n")
+    temp.write_text(json.dumps(doc) + "\n")
     os.replace(temp, root / MARKER)
 
 
-def _check_marker(marker: Path) -> None:
+def _check_marker(marker: Path) -> dict[str, Any]:
     try:
         doc = json.loads(marker.read_text())
         fmt = doc["format"]
@@ -103,3 +144,4 @@ def _check_marker(marker: Path) -> None:
             f"the store at {marker.parent} has format {fmt!r}, written by a newer Tessera; "
             f"this one reads format {STORE_FORMAT} — upgrade Tessera (pip install -U tessera)"
         )
+    return doc

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from tessera.errors import DigestMismatchError, StoreCorruptError
-from tessera.store.hashing import CHUNK_SIZE, check_digest, hash_bytes, new_hasher
+from tessera.store.hashing import CHUNK_SIZE, check_digest, hash_bytes, hash_file, new_hasher
 
 _BLOB_MODE = 0o444
 
@@ -97,8 +97,28 @@ class LocalBlobStore:
         check_digest(digest)
         return self.blob_dir / digest[:2] / digest[2:4] / digest
 
-    def local_path(self, digest: str) -> Path | None:
+    def local_path(self, digest: str) -> Path:
         return self.path_of(digest)
+
+    @property
+    def local_root(self) -> Path:
+        """The folder whose ``blobs/ab/cd/<digest>`` files readers may open directly."""
+        return self.root
+
+    def duckdb_path(self, digest: str) -> str:
+        return str(self.path_of(digest))
+
+    def register_duckdb(self, con: object) -> None:
+        """Local files need no registered file system."""
+
+    def hash_blob(self, digest: str) -> str:
+        return hash_file(self.path_of(digest))[0]
+
+    def mtime(self, digest: str) -> float | None:
+        try:
+            return self.path_of(digest).stat().st_mtime
+        except FileNotFoundError:
+            return None
 
     def has(self, digest: str) -> bool:
         return self.path_of(digest).exists()
@@ -275,6 +295,13 @@ class LocalWriteBatch:
             if digest in self._pending:
                 return True
         return self._store.touch(digest)
+
+    def put_verified_file(self, path: Path, digest: str) -> None:
+        """Move in a file already known to hash to ``digest`` (e.g. verified on arrival)."""
+        if self.reuse(digest):
+            path.unlink(missing_ok=True)
+        else:
+            self._stage(digest, path)
 
     def _stage(self, digest: str, temp: Path) -> None:
         with self._lock:

@@ -157,9 +157,13 @@ class Catalog:
 
     def revision(self) -> str | None:
         with self.read() as conn:
-            if not sa.inspect(conn).has_table("alembic_version"):
-                return None
-            return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+            return self._revision_on(conn)
+
+    @staticmethod
+    def _revision_on(conn: sa.Connection) -> str | None:
+        if not sa.inspect(conn).has_table("alembic_version"):
+            return None
+        return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
 
     def upgrade(self, blobs: Any = None) -> None:
         """Bring the schema to the newest revision; refuse a catalog written by a newer Tessera."""
@@ -178,6 +182,12 @@ class Catalog:
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
         with self.engine.connect().execution_options(tessera_write=True) as conn:
+            if conn.dialect.name == "postgresql":
+                # Several servers may start at once: one migrates, the others wait.
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(7465737365726100)"))
+                if self._revision_on(conn) == HEAD_REVISION:
+                    conn.commit()
+                    return
             cfg.attributes["connection"] = conn
             cfg.attributes["blobs"] = blobs
             command.upgrade(cfg, "head")
@@ -430,6 +440,12 @@ class Catalog:
                         t.artifacts.c.project_id == project_id, t.artifacts.c.name == name
                     )
                 ).one()
+            # Lock the artifact row before looking for identical content, so two writers of the
+            # same content cannot both create a version (PostgreSQL; SQLite's BEGIN IMMEDIATE
+            # serialises writers already).
+            artifact = conn.execute(
+                sa.select(t.artifacts).where(t.artifacts.c.id == artifact.id).with_for_update()
+            ).one()
             if artifact.type != type:
                 raise ConflictError(
                     f"artifact {project}/{name} has type {artifact.type!r}, not {type!r}; "
@@ -510,13 +526,13 @@ class Catalog:
     def _set_alias(
         self, conn: sa.Connection, artifact_id: int, alias: str, version_id: int
     ) -> None:
-        conn.execute(
-            t.aliases.delete().where(
-                t.aliases.c.artifact_id == artifact_id, t.aliases.c.alias == alias
-            )
+        insert = _dialect_insert(conn)(t.aliases).values(
+            artifact_id=artifact_id, alias=alias, version_id=version_id
         )
         conn.execute(
-            t.aliases.insert().values(artifact_id=artifact_id, alias=alias, version_id=version_id)
+            insert.on_conflict_do_update(
+                index_elements=["artifact_id", "alias"], set_={"version_id": version_id}
+            )
         )
 
     def _link(self, conn: sa.Connection, run_id: str, version_id: int, direction: str) -> None:
@@ -962,13 +978,18 @@ def _run_record(row: Any) -> RunRecord:
     )
 
 
-def _insert_ignore(conn: sa.Connection, table: sa.Table, values: dict[str, Any]) -> Any:
-    """INSERT that does nothing when a unique key already exists, on SQLite and PostgreSQL."""
+def _dialect_insert(conn: sa.Connection) -> Any:
+    """The INSERT construct with ON CONFLICT support for this connection's database."""
     if conn.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
-    return insert(table).values(**values).on_conflict_do_nothing()
+    return insert
+
+
+def _insert_ignore(conn: sa.Connection, table: sa.Table, values: dict[str, Any]) -> Any:
+    """INSERT that does nothing when a unique key already exists, on SQLite and PostgreSQL."""
+    return _dialect_insert(conn)(table).values(**values).on_conflict_do_nothing()
 
 
 def _make_engine(url: str) -> sa.Engine:

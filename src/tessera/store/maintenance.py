@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from tessera import progress
 from tessera.errors import StoreCorruptError, TesseraError
 from tessera.store import Store
-from tessera.store.hashing import hash_file, is_digest
+from tessera.store.hashing import is_digest
 from tessera.store.manifest import Manifest
 
 
@@ -83,10 +83,9 @@ def verify(store: Store, check_blob_contents: bool = True) -> VerifyReport:
     if check_blob_contents:
 
         def check(digest: str) -> str | None:
-            path = store.blobs.path_of(digest)
             try:
-                actual, _ = hash_file(path)
-            except FileNotFoundError:
+                actual = store.blobs.hash_blob(digest)
+            except (FileNotFoundError, StoreCorruptError):
                 return None  # deleted meanwhile (gc); not a damage
             finally:
                 bar.advance(present[digest])
@@ -143,12 +142,11 @@ def gc(store: Store, grace_seconds: float, dry_run: bool = False) -> GcReport:
             continue
         # Look once more: a version committed after the mark may have adopted this blob;
         # adopting renews the blob's mtime (LocalWriteBatch.reuse).
-        path = store.blobs.path_of(info.digest)
-        try:
-            if now - path.stat().st_mtime <= grace_seconds:
-                report.young_garbage += 1
-                continue
-        except FileNotFoundError:
+        mtime = store.blobs.mtime(info.digest)
+        if mtime is None:
+            continue
+        if now - mtime <= grace_seconds:
+            report.young_garbage += 1
             continue
         report.deleted_blobs += 1
         report.deleted_bytes += info.size

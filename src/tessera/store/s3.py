@@ -1,0 +1,269 @@
+"""S3-compatible blob store on obstore: the same interface as the local folder.
+
+Objects live at ``<prefix>/blobs/ab/cd/<digest>`` in the bucket. Writes use a conditional
+create (``If-None-Match: *``), so concurrent writers of one blob are safe and the first one
+wins with identical bytes; large files are hashed while spooled to a local temp file (bounded
+memory) and sent as multipart uploads. Reads that need a file (Parquet for DuckDB, images to
+decode) go through a local cache folder of verified blobs. Endpoint, region and credentials
+come from the usual ``AWS_*`` variables (``AWS_ENDPOINT_URL``, ``AWS_REGION``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import urllib.parse
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import obstore
+from obstore.exceptions import AlreadyExistsError
+from obstore.exceptions import NotFoundError as ObjectNotFound
+from obstore.store import S3Store
+
+from tessera.errors import DigestMismatchError, StoreCorruptError, StoreFormatError
+from tessera.store.blobs import BlobInfo, LocalBlobStore
+from tessera.store.hashing import CHUNK_SIZE, check_digest, hash_bytes, is_digest, new_hasher
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise StoreFormatError(f"blob store URL must look like s3://bucket/prefix, got {url!r}")
+    return parsed.netloc, parsed.path.strip("/")
+
+
+def _client_options() -> dict[str, Any]:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT")
+    return {"allow_http": True} if endpoint and endpoint.startswith("http://") else {}
+
+
+def _config() -> dict[str, Any]:
+    if os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"):
+        return {}
+    return {"region": "us-east-1"}
+
+
+def make_s3_store(bucket: str, prefix: str) -> S3Store:
+    return S3Store(
+        bucket,
+        prefix=prefix or None,
+        config=_config() or None,
+        client_options=_client_options() or None,
+    )
+
+
+class S3BlobStore:
+    def __init__(self, url: str, cache_root: Path):
+        self.url = url.rstrip("/")
+        self.bucket, self.prefix = parse_s3_url(url)
+        self.s3 = make_s3_store(self.bucket, self.prefix)
+        # Local folder: verified copies of blobs read as files, and temp files for uploads.
+        self.cache = LocalBlobStore(cache_root)
+        self.tmp_dir = self.cache.tmp_dir
+
+    def create(self) -> None:
+        self.cache.create()
+
+    @property
+    def local_root(self) -> Path:
+        return self.cache.root
+
+    @staticmethod
+    def key(digest: str) -> str:
+        check_digest(digest)
+        return f"blobs/{digest[:2]}/{digest[2:4]}/{digest}"
+
+    def duckdb_path(self, digest: str) -> str:
+        """The URL DuckDB reads this blob at (through the registered obstore filesystem)."""
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        return f"s3://{self.bucket}/{prefix}{self.key(digest)}"
+
+    def register_duckdb(self, con: Any) -> None:
+        from obstore.fsspec import FsspecStore
+
+        con.register_filesystem(
+            FsspecStore("s3", config=_config() or None, client_options=_client_options() or None)
+        )
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def has(self, digest: str) -> bool:
+        try:
+            obstore.head(self.s3, self.key(digest))
+            return True
+        except (FileNotFoundError, ObjectNotFound):
+            return False
+
+    def missing(self, digests: Iterable[str]) -> set[str]:
+        unique = sorted(set(digests))
+        with ThreadPoolExecutor(16) as pool:
+            present = list(pool.map(self.has, unique))
+        return {d for d, here in zip(unique, present, strict=True) if not here}
+
+    def size(self, digest: str) -> int:
+        try:
+            return int(obstore.head(self.s3, self.key(digest))["size"])
+        except (FileNotFoundError, ObjectNotFound):
+            raise self._missing(digest) from None
+
+    def mtime(self, digest: str) -> float | None:
+        try:
+            return obstore.head(self.s3, self.key(digest))["last_modified"].timestamp()
+        except (FileNotFoundError, ObjectNotFound):
+            return None
+
+    def read(self, digest: str) -> bytes:
+        try:
+            return bytes(obstore.get(self.s3, self.key(digest)).bytes())
+        except (FileNotFoundError, ObjectNotFound):
+            raise self._missing(digest) from None
+
+    def open(self, digest: str) -> BinaryIO:
+        return open(self.local_path(digest), "rb")
+
+    def local_path(self, digest: str) -> Path:
+        """A verified local copy of the blob, downloaded into the cache first if needed."""
+        path = self.cache.path_of(digest)
+        if path.exists():
+            return path
+        try:
+            result = obstore.get(self.s3, self.key(digest))
+        except (FileNotFoundError, ObjectNotFound):
+            raise self._missing(digest) from None
+        self.cache.put_stream(
+            (bytes(c) for c in result.stream(min_chunk_size=CHUNK_SIZE)), expected=digest
+        )
+        return path
+
+    path_of = local_path
+
+    def hash_blob(self, digest: str) -> str:
+        """Digest of the stored bytes, streamed (verify)."""
+        hasher = new_hasher()
+        for chunk in obstore.get(self.s3, self.key(digest)).stream(min_chunk_size=CHUNK_SIZE):
+            hasher.update(bytes(chunk))
+        return hasher.hexdigest()
+
+    def _missing(self, digest: str) -> StoreCorruptError:
+        return StoreCorruptError(
+            f"blob {digest} is missing from {self.url}; the store is damaged — "
+            "run `tessera verify` to list every problem"
+        )
+
+    def list(self) -> Iterator[BlobInfo]:
+        for batch in obstore.list(self.s3, "blobs/"):
+            for meta in batch:
+                name = meta["path"].rsplit("/", 1)[-1]
+                parts = meta["path"].split("/")
+                if not is_digest(name) or parts[-3:-1] != [name[:2], name[2:4]]:
+                    name = meta["path"]
+                yield BlobInfo(name, int(meta["size"]), meta["last_modified"].timestamp())
+
+    def delete(self, digest: str) -> None:
+        try:
+            obstore.delete(self.s3, self.key(digest))
+        except (FileNotFoundError, ObjectNotFound):
+            pass
+        self.cache.delete(digest)
+
+    def touch(self, digest: str) -> bool:
+        # S3 cannot renew an object's LastModified without rewriting it; see docs/decisions.md.
+        return self.has(digest)
+
+    def temp_files(self) -> Iterator[tuple[Path, float]]:
+        return self.cache.temp_files()
+
+    def _new_temp(self) -> tuple[int, Path]:
+        return self.cache._new_temp()
+
+    # -- writing -----------------------------------------------------------------------------
+
+    @contextmanager
+    def batch(self) -> Iterator[S3WriteBatch]:
+        yield S3WriteBatch(self)  # every put is atomic and durable on its own
+
+    def put_bytes(self, data: bytes | memoryview) -> str:
+        return S3WriteBatch(self).put_bytes(data)
+
+    def put_file(self, path: str | os.PathLike[str]) -> tuple[str, int]:
+        return S3WriteBatch(self).put_file(path)
+
+    def put_stream(self, chunks: Iterable[bytes], expected: str | None = None) -> tuple[str, int]:
+        return S3WriteBatch(self).put_stream(chunks, expected)
+
+
+class S3WriteBatch:
+    def __init__(self, store: S3BlobStore):
+        self._store = store
+        self._done: set[str] = set()
+        self._lock = threading.Lock()
+
+    def reuse(self, digest: str) -> bool:
+        with self._lock:
+            if digest in self._done:
+                return True
+        if self._store.has(digest):
+            with self._lock:
+                self._done.add(digest)
+            return True
+        return False
+
+    def _put(self, digest: str, payload: Any) -> None:
+        try:
+            obstore.put(self._store.s3, self._store.key(digest), payload, mode="create")
+        except AlreadyExistsError:
+            pass  # a concurrent writer stored the same bytes first
+        with self._lock:
+            self._done.add(digest)
+
+    def put_bytes(self, data: bytes | memoryview, digest: str | None = None) -> str:
+        actual = hash_bytes(data)
+        if digest is not None and digest != actual:
+            raise DigestMismatchError(f"bytes announced as {digest} hash to {actual}")
+        if not self.reuse(actual):
+            self._put(actual, io.BytesIO(bytes(data)))
+        return actual
+
+    def put_file(self, path: str | os.PathLike[str]) -> tuple[str, int]:
+        with open(path, "rb") as src:
+            size = os.fstat(src.fileno()).st_size
+            if size < CHUNK_SIZE:
+                data = src.read()
+                return self.put_bytes(data), len(data)
+            return self.put_stream(iter(lambda: src.read(CHUNK_SIZE), b""))
+
+    def put_stream(self, chunks: Iterable[bytes], expected: str | None = None) -> tuple[str, int]:
+        """Spool to a local temp file while hashing, then upload it (multipart when large)."""
+        hasher = new_hasher()
+        size = 0
+        fd, temp = self._store._new_temp()
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for chunk in chunks:
+                    hasher.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+            digest = hasher.hexdigest()
+            if expected is not None and expected != digest:
+                raise DigestMismatchError(
+                    f"upload announced as {expected} hashes to {digest}; nothing was stored"
+                )
+            self.put_verified_file(temp, digest)
+        finally:
+            temp.unlink(missing_ok=True)
+        return digest, size
+
+    def put_verified_file(self, path: Path, digest: str) -> None:
+        """Store a file already known to hash to ``digest``."""
+        if not self.reuse(digest):
+            self._put(digest, Path(path))
+
+    @property
+    def new_digests(self) -> set[str]:
+        return set(self._done)
