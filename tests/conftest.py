@@ -238,10 +238,41 @@ class ThreadedServer:
         return token
 
 
+STORE_KINDS = ["local", "http", "postgres", "s3", "postgres+s3"]
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Tests marked ``both_backends`` run against the embedded store and against a server."""
-    if metafunc.definition.get_closest_marker("both_backends"):
-        metafunc.parametrize("backend_kind", ["local", "http"])
+    """Tests marked ``both_backends`` run against every kind of store: the embedded folder
+    (SQLite + files), a server, and {PostgreSQL, SQLite} x {folder, S3 bucket}."""
+    marker = metafunc.definition.get_closest_marker("both_backends")
+    if marker:
+        metafunc.parametrize("backend_kind", marker.kwargs.get("kinds", STORE_KINDS))
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory):
+    from services import Postgres
+
+    server = Postgres(tmp_path_factory.mktemp("postgres"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory):
+    from services import SeaweedFS
+
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(seaweedfs, monkeypatch: pytest.MonkeyPatch):
+    """AWS_* variables pointing at the test bucket; returns the SeaweedFS service."""
+    for key, value in seaweedfs.env().items():
+        monkeypatch.setenv(key, value)
+    return seaweedfs
 
 
 @pytest.fixture
@@ -250,9 +281,22 @@ def backend_kind() -> str:
 
 
 @pytest.fixture(autouse=True)
-def _backend(backend_kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """For ``backend_kind == "http"``: a fresh threaded server, and TESSERA_SERVER/TOKEN set so
-    that the test's own tessera.init(dir=...) calls go to it (``dir`` becomes the local cache)."""
+def _backend(
+    backend_kind: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+):
+    """Point the test's own tessera calls at the kind of store under test, through the
+    environment: TESSERA_SERVER/TOKEN for a fresh threaded server (``dir`` becomes the local
+    cache), TESSERA_CATALOG for a fresh PostgreSQL database, TESSERA_BLOBS for a fresh prefix
+    of the S3 bucket."""
+    if "postgres" in backend_kind:
+        pg = request.getfixturevalue("postgres")
+        monkeypatch.setenv("TESSERA_CATALOG", pg.new_database())
+    if "s3" in backend_kind:
+        s3 = request.getfixturevalue("s3_env")
+        monkeypatch.setenv("TESSERA_BLOBS", s3.new_prefix())
     if backend_kind != "http":
         yield None
         return

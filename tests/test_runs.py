@@ -122,7 +122,7 @@ def _run_script(store_dir, body: str, **kwargs) -> subprocess.Popen:
     )
 
 
-@both
+@pytest.mark.both_backends(kinds=["local", "http", "postgres+s3"])
 def test_process_exit_without_finish_marks_finished(store_dir):
     child = _run_script(store_dir, "run.log({'x': 1})\n")
     run_id = child.stdout.readline().strip()
@@ -131,7 +131,7 @@ def test_process_exit_without_finish_marks_finished(store_dir):
         assert store.run(run_id).status == "finished"
 
 
-@both
+@pytest.mark.both_backends(kinds=["local", "http", "postgres+s3"])
 def test_uncaught_exception_marks_failed(store_dir):
     child = _run_script(store_dir, "raise SystemError('boom')\n", stderr=subprocess.DEVNULL)
     run_id = child.stdout.readline().strip()
@@ -140,7 +140,7 @@ def test_uncaught_exception_marks_failed(store_dir):
         assert store.run(run_id).status == "failed"
 
 
-@both
+@pytest.mark.both_backends(kinds=["local", "http", "postgres+s3"])
 def test_killed_process_is_marked_crashed(store_dir):
     child = _run_script(store_dir, "time.sleep(60)\n")
     run_id = child.stdout.readline().strip()
