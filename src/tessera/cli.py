@@ -344,6 +344,20 @@ def server(
         str, typer.Option(help="Largest blob accepted, e.g. 512M, 64G.")
     ] = "64G",
     workers: Annotated[int, typer.Option(help="Worker processes (each shares the one store).")] = 1,
+    catalog: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TESSERA_CATALOG",
+            help="Catalog URL: sqlite:///PATH or postgresql+psycopg://user@host:port/db.",
+        ),
+    ] = None,
+    blobs: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TESSERA_BLOBS",
+            help="Blob store URL: file:///PATH or s3://bucket/prefix (AWS_* variables for S3).",
+        ),
+    ] = None,
 ) -> None:
     """Serve a store over HTTP (API under /api/v1). On first start, creates an admin and prints
     its token once."""
@@ -355,7 +369,7 @@ def server(
     from tessera.store.catalog import AuthCatalog
 
     root = Path(dir) if dir is not None else default_dir()
-    store = Store.open(root, create=True)
+    store = Store.open(root, create=True, catalog=catalog, blobs=blobs)
     auth = AuthCatalog(store.catalog)
     if auth.user_count() == 0:
         admin = auth.ensure_user("admin", is_admin=True)
@@ -368,7 +382,11 @@ def server(
         )
     store.close()
     settings = Settings(
-        dir=root.absolute(), public_read=public_read, max_blob_bytes=int(parse_size(max_blob_size))
+        dir=root.absolute(),
+        public_read=public_read,
+        max_blob_bytes=int(parse_size(max_blob_size)),
+        catalog=catalog,
+        blobs=blobs,
     )
     err.print(
         f"serving {root.absolute()} on http://{host}:{port} (API: /api/v1, docs: /api/v1/docs)"
@@ -546,11 +564,54 @@ def pull(
     )
 
 
+@app.command("migrate-store")
+def migrate_store(
+    src: Annotated[Path, typer.Argument(help="The store folder to copy from.")],
+    dst: Annotated[Path, typer.Argument(help="The store folder to create or fill.")],
+    catalog: Annotated[
+        str | None,
+        typer.Option(help="Destination catalog URL, e.g. postgresql+psycopg://user@host/db."),
+    ] = None,
+    blobs: Annotated[
+        str | None, typer.Option(help="Destination blob URL, e.g. s3://bucket/prefix.")
+    ] = None,
+) -> None:
+    """Copy a store to another backend (e.g. folder → PostgreSQL + S3), verifying every digest:
+    runs, metrics, versions, aliases, lineage, users and tokens."""
+    from tessera.backend.local import LocalBackend
+    from tessera.store import Store
+    from tessera.store.catalog import AuthCatalog
+    from tessera.sync import sync
+
+    source = LocalBackend(Store.open(src, local_only=True))
+    target = LocalBackend(
+        Store.open(dst, create=True, catalog=catalog, blobs=blobs, local_only=True)
+    )
+    try:
+        report = sync(source, target)
+        users = AuthCatalog(source.catalog).copy_to(AuthCatalog(target.catalog))
+    finally:
+        source.close()
+        target.close()
+    out.print(
+        f"copied {report.runs} runs, {report.versions} versions and {users} users; "
+        f"{report.blobs_sent} blobs ({human_bytes(report.bytes_sent)}), every digest verified"
+    )
+
+
 def main() -> None:
     try:
         app()
     except TesseraError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
+        sys.exit(1)
+    except Exception as e:
+        # Failures of the services a store lives on (S3, PostgreSQL): one line, no traceback.
+        module = type(e).__module__
+        if not module.startswith(("obstore", "sqlalchemy", "psycopg")):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        err.print(f"[red]error:[/red] the store's backing service failed: {first}", highlight=False)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -31,6 +31,7 @@ from tessera.errors import (
 )
 from tessera.names import check_alias, check_name, parse_version_spec
 from tessera.server.auth import Principal, hash_token, new_token
+from tessera.store import Store
 from tessera.store.catalog import AuthCatalog, RunRecord
 from tessera.store.hashing import check_digest, new_hasher
 
@@ -43,6 +44,8 @@ class Settings:
     dir: Path
     public_read: bool = False
     max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES
+    catalog: str | None = None  # URL; None: from the environment or the store marker
+    blobs: str | None = None
 
 
 @dataclass
@@ -153,7 +156,9 @@ Caller = Annotated[Principal, Depends(principal)]
 
 
 def create_app(settings: Settings) -> FastAPI:
-    backend = LocalBackend.open(settings.dir, create=True)
+    backend = LocalBackend(
+        Store.open(settings.dir, create=True, catalog=settings.catalog, blobs=settings.blobs)
+    )
     auth = AuthCatalog(backend.catalog)
     counters = Counters()
     app = FastAPI(

@@ -947,6 +947,43 @@ class AuthCatalog:
                 is not None
             )
 
+    def copy_to(self, other: AuthCatalog) -> int:
+        """Copy users, tokens (still hashed) and memberships into another catalog; returns
+        how many users were copied. Existing entries in ``other`` are kept."""
+        with self.catalog.read() as conn:
+            users = conn.execute(sa.select(t.users)).all()
+            tokens = conn.execute(sa.select(t.tokens)).all()
+            members = conn.execute(
+                sa.select(
+                    t.members.c.role,
+                    t.users.c.name.label("user"),
+                    t.projects.c.name.label("project"),
+                )
+                .join(t.users, t.users.c.id == t.members.c.user_id)
+                .join(t.projects, t.projects.c.id == t.members.c.project_id)
+            ).all()
+        new_ids = {u.id: other.ensure_user(u.name, bool(u.is_admin)) for u in users}
+        with other.catalog.write() as conn:
+            for token in tokens:
+                conn.execute(
+                    _insert_ignore(
+                        conn,
+                        t.tokens,
+                        {
+                            "id": token.id,
+                            "user_id": new_ids[token.user_id].id,
+                            "name": token.name,
+                            "hash": token.hash,
+                            "created_at": token.created_at,
+                            "revoked_at": token.revoked_at,
+                        },
+                    )
+                )
+        names = {record.name: record for record in new_ids.values()}
+        for member in members:
+            other.set_member(member.project, names[member.user], member.role)
+        return len(users)
+
     def blob_projects(self, digest: str) -> set[str]:
         """Projects with a version that needs this blob."""
         with self.catalog.read() as conn:
