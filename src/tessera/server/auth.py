@@ -12,7 +12,7 @@ import hashlib
 import secrets
 from dataclasses import dataclass, field
 
-from tessera.errors import AuthError, NotFoundError
+from tessera.errors import AuthError, NotFoundError, NotSignedInError
 from tessera.store.catalog import ROLES, AuthCatalog, UserRecord
 
 TOKEN_PREFIX = "tsr_"
@@ -49,7 +49,7 @@ class Principal:
 
     def require_user(self) -> UserRecord:
         if self.user is None:
-            raise AuthError("this needs a token: run `tessera login URL` or set TESSERA_TOKEN")
+            raise NotSignedInError("this needs a token: run `tessera login URL` or set TESSERA_TOKEN")
         return self.user
 
     def roles(self) -> dict[str, str]:

@@ -1,0 +1,178 @@
+"""Scale-out: several server replicas on one PostgreSQL catalog and one S3 bucket."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import tessera
+from conftest import ServerProcess, make_files
+from tessera.store import Store
+from tessera.store.maintenance import verify
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def shared_store(postgres, s3_env, monkeypatch):
+    """Catalog and blob URLs that every replica (and CLI command) of this test shares."""
+    catalog, blobs = postgres.new_database(), s3_env.new_prefix()
+    monkeypatch.setenv("TESSERA_CATALOG", catalog)
+    monkeypatch.setenv("TESSERA_BLOBS", blobs)
+    return catalog, blobs
+
+
+@pytest.fixture
+def replicas(tmp_path, shared_store, monkeypatch):
+    first = ServerProcess(tmp_path / "replica-a").start()
+    second = ServerProcess(tmp_path / "replica-b").start()
+    second.admin_token = first.admin_token  # one catalog: the first replica made the admin
+    monkeypatch.setenv("TESSERA_TOKEN", first.admin_token)
+    yield first, second
+    first.stop()
+    second.stop()
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, pathlib, tessera
+    server, dir, index = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    barrier = pathlib.Path(sys.argv[4])
+    src = pathlib.Path(dir) / "src"
+    src.mkdir(parents=True)
+    for i in range(20):
+        (src / f"f{i}.txt").write_text(f"writer {index} file {i}")
+    while not barrier.exists():
+        pass
+    with tessera.init(project="shared", server=server, dir=dir + "/cache") as run:
+        art = tessera.Artifact("data", type="dataset")
+        art.add_dir(src)
+        print(run.log_artifact(art).version)
+    """
+)
+
+
+def test_eight_writers_on_two_replicas_get_contiguous_versions(tmp_path, replicas):
+    first, second = replicas
+    barrier = tmp_path / "go"
+    env = {**os.environ, "TESSERA_TOKEN": first.admin_token}
+    env.pop("TESSERA_CATALOG")  # clients talk to servers, not to the database
+    env.pop("TESSERA_BLOBS")
+    writers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                WRITER,
+                (first, second)[i % 2].url,
+                str(tmp_path / f"w{i}"),
+                str(i),
+                str(barrier),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(8)
+    ]
+    time.sleep(1.0)
+    barrier.touch()
+    versions = []
+    for writer in writers:
+        out, err = writer.communicate(timeout=300)
+        assert writer.returncode == 0, err
+        versions.append(out.strip())
+    assert sorted(versions, key=lambda v: int(v[1:])) == [f"v{i}" for i in range(8)]
+    with tessera.open_store(server=second.url, dir=tmp_path / "reader") as store:
+        found = store.versions("shared", "data")
+        assert [v.version for v in found] == [f"v{i}" for i in range(8)]
+        assert len({v.digest for v in found}) == 8
+        assert found[-1].aliases == ("latest",)
+    report = verify(Store.open(tmp_path / "replica-a"))
+    assert report.ok, report.problems
+    assert report.versions == 8
+
+
+def test_killing_a_replica_mid_commit_leaves_no_partial_version(tmp_path, replicas):
+    first, second = replicas
+    src = make_files(tmp_path / "src", 400, size=20_000)
+    env = {**os.environ, "TESSERA_TOKEN": first.admin_token}
+    env.pop("TESSERA_CATALOG")
+    env.pop("TESSERA_BLOBS")
+    script = textwrap.dedent(
+        f"""
+        import tessera
+        with tessera.init(project="kill", server={first.url!r}, dir={str(tmp_path / "c")!r}) as run:
+            for round in range(3):
+                art = tessera.Artifact("big", type="dataset")
+                art.add_dir({str(src)!r})
+                art.add_bytes(str(round).encode(), "round.txt")
+                run.log_artifact(art)
+        """
+    )
+    rng = random.Random(7)
+    client = subprocess.Popen(
+        [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    time.sleep(rng.uniform(2.0, 5.0))
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait(30)
+    client.wait(180)  # it fails (its server is gone) or finished before the kill
+    # The surviving replica sees only complete versions.
+    with tessera.open_store(server=second.url, dir=tmp_path / "reader") as store:
+        artifacts = (
+            [a.name for a in store.artifacts("kill")]
+            if any(p.name == "kill" for p in store.projects())
+            else []
+        )
+        if "big" in artifacts:
+            for version in store.versions("kill", "big"):
+                assert version.file_count == 401
+                assert len(version.files()) == 401
+    report = verify(Store.open(tmp_path / "replica-b"))
+    assert report.ok, report.problems
+
+
+def test_migrate_store_to_postgres_and_s3(tmp_path, postgres, s3_env):
+    src = make_files(tmp_path / "src", 30)
+    with tessera.init(project="m", name="maker", dir=tmp_path / "folder") as run:
+        art = tessera.Artifact("data", type="dataset")
+        art.add_dir(src)
+        run.log_artifact(art, aliases=["gold"])
+        run.log({"loss": 0.5})
+    catalog, blobs = postgres.new_database(), s3_env.new_prefix()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from tessera.cli import main; main()",
+            "migrate-store",
+            str(tmp_path / "folder"),
+            str(tmp_path / "scaled"),
+            "--catalog",
+            catalog,
+            "--blobs",
+            blobs,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "every digest verified" in result.stdout
+    scaled = Store.open(tmp_path / "scaled")
+    assert scaled.catalog.url == catalog
+    assert verify(scaled).ok
+    with tessera.open_store(tmp_path / "scaled") as store:
+        version = store.artifact("m/data:gold")
+        folder = version.download(tmp_path / "dl")
+        for original in src.rglob("*.bin"):
+            assert (folder / original.relative_to(src)).read_bytes() == original.read_bytes()
+        (run,) = store.runs("m")
+        assert store.history(run.id)["loss"] == [(0, 0.5)]
