@@ -400,6 +400,22 @@ def server(
     )
 
 
+@app.command()
+def ui(
+    dir: DirOption = None,
+    port: Annotated[int, typer.Option(help="Port to listen on (on 127.0.0.1 only).")] = 8090,
+) -> None:
+    """Browse a local store in a web browser: projects, runs, tables, comparisons. Read-only,
+    no sign-in, bound to 127.0.0.1 (use `tessera server` to share a store)."""
+    from tessera.store import Store, default_dir
+    from tessera.ui.views import serve_local
+
+    root = Path(dir) if dir is not None else default_dir()
+    Store.open(root).close()  # a clear error if there is no store there
+    err.print(f"serving {root.absolute()} on http://127.0.0.1:{port} (read-only, this machine only)")
+    serve_local(root, port)
+
+
 def parse_size(text: str) -> float:
     """``1024``, ``512K``, ``64M``, ``2G`` → bytes."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)[bB]?\s*", text)
@@ -562,6 +578,29 @@ def pull(
         f"({report.new_versions} new) of {', '.join(report.projects) or 'no projects'}; "
         f"fetched {report.blobs_sent} blobs ({human_bytes(report.bytes_sent)})"
     )
+
+
+@app.command()
+def demo(
+    dir: Annotated[Path, typer.Option(help="Store folder for the demo (created).")] = Path("tessera-demo"),
+    dataset: Annotated[str, typer.Option(help="fashion-mnist (Debian's dataset-fashion-mnist) or digits.")] = "fashion-mnist",
+    ui: Annotated[bool, typer.Option("--ui", help="Start the web UI on the demo store afterwards.")] = False,
+    port: Annotated[int, typer.Option(help="Port for --ui.")] = 8080,
+) -> None:
+    """Run the main job on real images: log a test set once, evaluate three models on it,
+    find and fix suspect labels, and show what it cost."""
+    from tessera.demo import run_demo
+
+    if dataset not in ("fashion-mnist", "digits"):
+        raise typer.BadParameter("choose fashion-mnist or digits", param_hint="--dataset")
+    if (dir / "tessera.json").exists():
+        raise TesseraError(f"{dir} already holds a store; pass another --dir or delete it")
+    run_demo(dir, dataset, console=out)
+    if ui:
+        from tessera.ui.views import serve_local  # started like `tessera ui`
+
+        out.print(f"web UI: http://127.0.0.1:{port}/")
+        serve_local(dir, port)
 
 
 @app.command("migrate-store")

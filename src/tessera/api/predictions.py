@@ -83,6 +83,7 @@ class PredictionWriter:
         self._media_columns: set[str] = set()
         self.num_rows = 0
         self._closed = False
+        self.result: TableVersion | None = None  # the stored version, once closed
 
     def __enter__(self) -> PredictionWriter:
         return self
@@ -107,6 +108,8 @@ class PredictionWriter:
         if not columns:
             raise PredictionError("no prediction columns given; pass e.g. pred=..., scores=...")
         rows = self._check_ids(sample_ids)
+        self._batch_media: dict[str, Source] = {}  # kept only if the whole batch is accepted
+        self._batch_media_columns: set[str] = set()
         arrays: dict[str, pa.Array] = {"id": pa.array(sample_ids, pa.string())}
         for key, value in columns.items():
             if key in RESERVED:
@@ -124,6 +127,8 @@ class PredictionWriter:
                     f"batch's {self._schema.names}; every batch needs the same columns"
                 ) from None
         self._seen[rows] = True  # accepted only now, after every check passed
+        self._media.update(self._batch_media)
+        self._media_columns |= self._batch_media_columns
         self._pending.append(batch)
         self._pending_rows += n
         self.num_rows += n
@@ -220,15 +225,15 @@ class PredictionWriter:
 
     def _media_column(self, key: str, value: np.ndarray) -> pa.Array:
         """Masks and heat maps: each row an image blob, identical ones stored once."""
-        self._media_columns.add(key)
+        self._batch_media_columns.add(key)
         cells = []
         for item in value:
             pixels = canonical_pixels(item, chw=False)
             png = pixels.encode_png()
             digest = hash_bytes(png)
             path = f"media/{digest}.png"
-            if path not in self._media:
-                self._media[path] = Source(path=path, data=png, media=pixels.media())
+            if path not in self._media and path not in self._batch_media:
+                self._batch_media[path] = Source(path=path, data=png, media=pixels.media())
             cells.append({"digest": digest, "dataset": None, "id": None, "caption": None})
         return pa.array(cells, IMAGE_TYPE)
 
@@ -304,4 +309,5 @@ class PredictionWriter:
             run_id=run.id,
         )
         backend.record_use(run.id, dataset._record.id)
-        return TableVersion(backend, record, manifest, run=run)
+        self.result = TableVersion(backend, record, manifest, run=run)
+        return self.result

@@ -166,10 +166,12 @@ class Run:
 
     def use_dataset(self, spec: str) -> DatasetVersion:
         """A dataset version (``name:latest``, ``name:v0``, ``project/name:alias``) as an input."""
-        version = self.use_artifact(spec)
-        if not isinstance(version, DatasetVersion):
-            raise NotFoundError(f"{version.spec} is a {version.type!r} artifact, not a dataset")
-        return version
+        self._check_open()
+        record = self._backend.resolve(parse_version_spec(spec), self.project)
+        if record.type != "dataset":  # check before recording the use: a refusal leaves no trace
+            raise NotFoundError(f"{record.spec} is a {record.type!r} artifact, not a dataset")
+        self._backend.record_use(self.id, record.id)
+        return DatasetVersion(self._backend, record, run=self)
 
     def log_table(self, name: str, table: Table) -> TableVersion:
         """Store a table; ``Image`` cells that match a dataset sample become references to it."""

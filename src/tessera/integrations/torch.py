@@ -54,5 +54,7 @@ class TorchDataset(Dataset):
             array = self._reader.decode(digest)
             if array.ndim == 2:
                 array = array[:, :, None]
-            image = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+            # np.asarray(PIL image) is read-only; (1, H, W) views of grey images are already
+            # contiguous, so ascontiguousarray would not copy: ask for a writable array.
+            image = torch.from_numpy(np.require(array.transpose(2, 0, 1), requirements=["C", "W"]))
         return {"id": self.ids[index], "image": image, "label": self._labels[index]}

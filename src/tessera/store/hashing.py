@@ -35,7 +35,9 @@ def hash_file(path: str | os.PathLike[str]) -> tuple[str, int]:
     hasher = new_hasher()
     size = 0
     with open(path, "rb", buffering=0) as f:
-        buffer = bytearray(CHUNK_SIZE)
+        # A buffer no larger than the file (+1 byte to see EOF in one read): zero-filling 8 MiB
+        # per call made hashing 1,000 small images ~30x slower than hashing their bytes.
+        buffer = bytearray(min(CHUNK_SIZE, os.fstat(f.fileno()).st_size + 1))
         view = memoryview(buffer)
         while n := f.readinto(buffer):
             hasher.update(view[:n])
