@@ -29,8 +29,16 @@ from tessera.progress import bar
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 PROJECT = "demo"
 
@@ -59,7 +67,8 @@ def load_images(which: str, console: Console) -> Images:
     if which == "fashion-mnist":
         if (FASHION_DIR / "t10k-images-idx3-ubyte.gz").exists():
             return Images(
-                "fashion-mnist", FASHION_CLASSES,
+                "fashion-mnist",
+                FASHION_CLASSES,
                 _read_idx(FASHION_DIR / "train-images-idx3-ubyte.gz"),
                 _read_idx(FASHION_DIR / "train-labels-idx1-ubyte.gz"),
                 _read_idx(FASHION_DIR / "t10k-images-idx3-ubyte.gz"),
@@ -75,9 +84,12 @@ def load_images(which: str, console: Console) -> Images:
     pixels = np.rint(digits.images * (255 / 16)).astype(np.uint8)
     split = len(pixels) // 2
     return Images(
-        "digits", [str(i) for i in range(10)],
-        pixels[:split], digits.target[:split].astype(np.uint8),
-        pixels[split:], digits.target[split:].astype(np.uint8),
+        "digits",
+        [str(i) for i in range(10)],
+        pixels[:split],
+        digits.target[:split].astype(np.uint8),
+        pixels[split:],
+        digits.target[split:].astype(np.uint8),
     )
 
 
@@ -93,8 +105,9 @@ def models() -> dict[str, Callable[[], object]]:
 
     return {
         "logreg": lambda: LogisticRegression(max_iter=200, C=0.5),
-        "boosting": lambda: HistGradientBoostingClassifier(max_iter=40, learning_rate=0.2,
-                                                           early_stopping=False),
+        "boosting": lambda: HistGradientBoostingClassifier(
+            max_iter=40, learning_rate=0.2, early_stopping=False
+        ),
         "mlp": lambda: MLPClassifier(hidden_layer_sizes=(128,), max_iter=25, random_state=0),
     }
 
@@ -121,18 +134,20 @@ def human(n: float) -> str:
     raise AssertionError
 
 
-def run_demo(dir: Path, which: str = "fashion-mnist", train_size: int = 8000,
-             console: Console | None = None) -> dict[str, object]:
+def run_demo(
+    dir: Path, which: str = "fashion-mnist", train_size: int = 8000, console: Console | None = None
+) -> dict[str, object]:
     console = console or Console()
     started = time.perf_counter()
     data = load_images(which, console)
-    console.print(f"[bold]Tessera demo[/bold] on {data.name}: {len(data.test_x):,} test images, "
-                  f"store at {dir}")
+    console.print(
+        f"[bold]Tessera demo[/bold] on {data.name}: {len(data.test_x):,} test images, "
+        f"store at {dir}"
+    )
 
     # 1. The test set, logged once.
     with tessera.init(project=PROJECT, name="log-testset", dir=dir) as run:
-        ds = tessera.Dataset(data.name, classes=data.classes,
-                             description=f"{data.name} test set")
+        ds = tessera.Dataset(data.name, classes=data.classes, description=f"{data.name} test set")
         for i, (image, label) in enumerate(zip(data.test_x, data.test_y, strict=True)):
             ds.add(id=f"test-{i:05d}", image=image, label=int(label))
         v0 = run.log_dataset(ds)
@@ -146,8 +161,9 @@ def run_demo(dir: Path, which: str = "fashion-mnist", train_size: int = 8000,
     added: dict[str, int] = {}
     fitted = {}
     for name, make in models().items():
-        with tessera.init(project=PROJECT, name=name, config={"model": name,
-                          "train_size": len(chosen)}, dir=dir) as run:
+        with tessera.init(
+            project=PROJECT, name=name, config={"model": name, "train_size": len(chosen)}, dir=dir
+        ) as run:
             model = make()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # convergence chatter from short training
@@ -172,16 +188,20 @@ def run_demo(dir: Path, which: str = "fashion-mnist", train_size: int = 8000,
         corrected = dict(zip(labels["id"], labels["label"], strict=True))
         for row in fixes.itertuples():
             corrected[row.id] = data.classes.index(str(row.suggested))
-        ds = tessera.Dataset(data.name, classes=data.classes,
-                             description=f"{data.name} test set, {len(fixes)} labels corrected")
+        ds = tessera.Dataset(
+            data.name,
+            classes=data.classes,
+            description=f"{data.name} test set, {len(fixes)} labels corrected",
+        )
         for i, image in enumerate(data.test_x):
             sid = f"test-{i:05d}"
             ds.add(id=sid, image=image, label=corrected[sid])
         before = blob_bytes(dir)
         v1 = run.log_dataset(ds)
         v1_added = blob_bytes(dir) - before
-    with tessera.init(project=PROJECT, name=f"{best[0]}-on-v1", config={"model": best[0]},
-                      dir=dir) as run:
+    with tessera.init(
+        project=PROJECT, name=f"{best[0]}-on-v1", config={"model": best[0]}, dir=dir
+    ) as run:
         before = blob_bytes(dir)
         evaluate(run, run.use_dataset(f"{data.name}:v1"), fitted[best[0]])
         added[f"{best[0]} on v1"] = blob_bytes(dir) - before
@@ -199,19 +219,31 @@ def run_demo(dir: Path, which: str = "fashion-mnist", train_size: int = 8000,
     scores.add_column("run")
     for column in metrics.columns:
         scores.add_column(column)
-    for name, row in metrics.iterrows():
-        scores.add_row(str(name), *[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
+    for name, *values in metrics.itertuples(name=None):
+        scores.add_row(str(name), *[f"{v:.4f}" if isinstance(v, float) else str(v) for v in values])
     console.print(scores)
     verdict = "significant" if test.pvalue < 0.05 else "not significant"
-    console.print(f"McNemar {best[1]} → {best[0]}: {test.b} right→wrong, {test.c} wrong→right, "
-                  f"p = {test.pvalue:.3g} ({verdict})")
+    console.print(
+        f"McNemar {best[1]} → {best[0]}: {test.b} right→wrong, {test.c} wrong→right, "
+        f"p = {test.pvalue:.3g} ({verdict})"
+    )
     console.print(f"top regressions {best[1]} → {best[0]}:")
     for row in regressions.itertuples():
-        console.print(f"  {row.id}: label {row.label}, {best[1]} said {row.base_pred}, "
-                      f"{best[0]} said {row.new_pred}")
-    console.print(f"labels corrected in {v1.spec}: " + ", ".join(
-        f"{r.id} {r.label}→{r.suggested}" for r in fixes.itertuples()))
+        console.print(
+            f"  {row.id}: label {row.label}, {best[1]} said {row.base_pred}, "
+            f"{best[0]} said {row.new_pred}"
+        )
+    console.print(
+        f"labels corrected in {v1.spec}: "
+        + ", ".join(f"{r.id} {r.label}→{r.suggested}" for r in fixes.itertuples())
+    )
     console.print(f"\nOpen the UI:  tessera ui --dir {dir}")
     console.print(f"done in {time.perf_counter() - started:.0f} s")
-    return {"dataset_bytes": dataset_bytes, "added": added, "v1_added": v1_added,
-            "metrics": metrics, "fixes": fixes, "mcnemar": test}
+    return {
+        "dataset_bytes": dataset_bytes,
+        "added": added,
+        "v1_added": v1_added,
+        "metrics": metrics,
+        "fixes": fixes,
+        "mcnemar": test,
+    }

@@ -155,16 +155,26 @@ def _union_view(
         con.execute(f"CREATE VIEW {name} AS {empty}")
         return
     tags = list(files[0][1])
+    paths = sql_list(sorted({p for p, _ in files}))
+    columns = {
+        row[0]
+        for row in con.execute(
+            f"DESCRIBE SELECT * FROM read_parquet({paths}, union_by_name = true)"
+        ).fetchall()
+    }
+    # A stored column named like a tag would shadow it (DuckDB renames the tag to dataset_1):
+    # the tag keeps its name, the stored column is kept as <name>_column.
+    renamed = ", ".join(f'"{c}" AS "{c}_column"' for c in tags if c in columns)
+    rename = f" RENAME ({renamed})" if renamed else ""
     con.register(
         f"_{name}_files",
         pa.table(
             {"filename": [p for p, _ in files], **{k: [meta[k] for _, meta in files] for k in tags}}
         ),
     )
-    paths = sql_list(sorted({p for p, _ in files}))
     tag_columns = ", ".join(f'f."{k}"' for k in tags)
     con.execute(
-        f"CREATE VIEW {name} AS SELECT t.* EXCLUDE (filename), {tag_columns} "
+        f"CREATE VIEW {name} AS SELECT t.* EXCLUDE (filename){rename}, {tag_columns} "
         f"FROM read_parquet({paths}, union_by_name = true, filename = true) AS t "
         f"JOIN _{name}_files AS f USING (filename)"
     )
@@ -177,7 +187,7 @@ def run_readonly_sql(con: duckdb.DuckDBPyConnection, query: str) -> pd.DataFrame
     try:
         statements = duckdb.extract_statements(query)
     except duckdb.Error as e:
-        raise QueryError(f"cannot parse the query: {e}") from None
+        raise QueryError(f"cannot parse the query: {str(e).splitlines()[0]}") from None
     if len(statements) != 1:
         raise QueryError(f"give exactly one statement, got {len(statements)}")
     if statements[0].type != duckdb.StatementType.SELECT:

@@ -251,10 +251,10 @@ class Comparison:
                 "accuracy": m.accuracy(confusion),
                 "macro_f1": m.macro_f1(confusion),
             }
-            if run.has_scores:
+            if run.has_scores:  # avg() over no common samples is NULL: report NaN
                 if classes > 5:
-                    row["top5_accuracy"] = float(top5)
-                row["log_loss"] = float(logloss)
+                    row["top5_accuracy"] = float("nan") if top5 is None else float(top5)
+                row["log_loss"] = float("nan") if logloss is None else float(logloss)
                 row["ece"] = m.expected_calibration_error(*ece_counts[run.index])
             rows.append(row)
         return pd.DataFrame(rows).set_index("run")
@@ -541,6 +541,10 @@ def _select_runs(
     chosen = sorted(latest.values(), key=lambda item: (item[0].started_at, item[0].id))
     if runs is not None:
         wanted = [runs] if isinstance(runs, str) else list(runs)
+        if not wanted:
+            raise CompareError(
+                "runs= selects no runs; give run names or ids, or leave it out for every run"
+            )
         picked = []
         for key in wanted:
             matches = [item for item in chosen if key in (item[0].name, item[0].id)]
