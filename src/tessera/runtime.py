@@ -42,6 +42,8 @@ def _start_tick(pid: int) -> str | None:
         return None
     # Field 22 (starttime); the command name (field 2) may contain spaces, so split after ')'.
     fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):  # dead, not yet reaped by its parent
+        return None
     return fields[19]
 
 

@@ -10,6 +10,7 @@ clean" problem), so it is simply hashed again.
 from __future__ import annotations
 
 import os
+import random
 import sqlite3
 import threading
 import time
@@ -31,12 +32,23 @@ class StatCache:
             db = sqlite3.connect(
                 self._path, timeout=30, isolation_level=None, check_same_thread=False
             )
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, "
-                "mtime_ns INTEGER, inode INTEGER, digest TEXT, hashed_ns INTEGER)"
-            )
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    db.execute("PRAGMA journal_mode=WAL")
+                    db.execute("PRAGMA synchronous=NORMAL")
+                    db.execute(
+                        "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, "
+                        "mtime_ns INTEGER, inode INTEGER, digest TEXT, hashed_ns INTEGER)"
+                    )
+                    break
+                except sqlite3.OperationalError as e:
+                    # SQLite skips its busy handler where waiting could deadlock (two processes
+                    # setting up the same new file), so wait here instead.
+                    if "locked" not in str(e) or time.monotonic() > deadline:
+                        db.close()
+                        raise
+                    time.sleep(0.005 + random.random() * 0.02)
             self._db = db
         return self._db
 
