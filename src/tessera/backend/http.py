@@ -9,6 +9,7 @@ cache, so a version already present locally costs no bytes from the server.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import struct
@@ -25,6 +26,7 @@ from tessera.backend.base import Source
 from tessera.backend.ingest import digest_sources
 from tessera.errors import MissingBlobsError, TesseraError
 from tessera.names import VersionSpec
+from tessera.runtime import this_process
 from tessera.store import Store
 from tessera.store.catalog import (
     ArtifactRecord,
@@ -123,7 +125,9 @@ class HttpBackend:
 
     def create_run(self, project: str, name: str | None, config: dict[str, Any]) -> RunRecord:
         data = self.request(
-            "POST", f"{API}/projects/{project}/runs", json={"name": name, "config": config}
+            "POST",
+            f"{API}/projects/{project}/runs",
+            json={"name": name, "config": config, "process": dataclasses.asdict(this_process())},
         )
         return wire.load(RunRecord, data)
 

@@ -40,8 +40,16 @@ class LocalBackend:
 
     # -- runs --------------------------------------------------------------------------------
 
-    def create_run(self, project: str, name: str | None, config: dict[str, Any]) -> RunRecord:
-        me = runtime.this_process()
+    def create_run(
+        self,
+        project: str,
+        name: str | None,
+        config: dict[str, Any],
+        process: runtime.ProcessIdentity | None = None,
+    ) -> RunRecord:
+        """A new run, owned by ``process`` (default: this one; the server passes the client's,
+        so that a run lives and dies with the process that logs it)."""
+        me = process or runtime.this_process()
         return self.catalog.create_run(project, name, config, me.host, me.pid, me.started)
 
     def run(self, run_id: str) -> RunRecord:

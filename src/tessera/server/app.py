@@ -30,6 +30,7 @@ from tessera.errors import (
     TesseraError,
 )
 from tessera.names import check_alias, check_name, parse_version_spec
+from tessera.runtime import ProcessIdentity
 from tessera.server.auth import Principal, hash_token, new_token
 from tessera.store import Store
 from tessera.store.catalog import AuthCatalog, RunRecord
@@ -77,9 +78,16 @@ class DigestList(BaseModel):
     project: str
 
 
+class ProcessBody(BaseModel):
+    host: str = Field(max_length=255)
+    pid: int
+    started: str = Field(max_length=32)
+
+
 class RunCreate(BaseModel):
     name: str | None = None
     config: dict[str, Any] = {}
+    process: ProcessBody | None = None  # the client process that owns the run
 
 
 class RunImport(BaseModel):
@@ -339,7 +347,11 @@ def create_app(settings: Settings) -> FastAPI:
         if body.name is not None:
             check_name(body.name, "run")
         caller.require_writer_or_create(project)
-        return wire.dump(backend.create_run(project, body.name, body.config))
+        # The client's process owns the run; without one, only heartbeats tell it is alive.
+        process = ProcessIdentity("(unknown)", 0, "")
+        if body.process is not None:
+            process = ProcessIdentity(body.process.host, body.process.pid, body.process.started)
+        return wire.dump(backend.create_run(project, body.name, body.config, process))
 
     @app.put("/api/v1/projects/{project}/runs/{run_id}")
     def import_run(project: str, run_id: str, body: RunImport, caller: Caller) -> dict[str, Any]:

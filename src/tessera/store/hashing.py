@@ -19,14 +19,31 @@ CHUNK_SIZE = 8 * 1024 * 1024
 _THREADED_HASH_MIN = 1024 * 1024
 
 
+# BLAKE3's worker threads do not survive fork(): a forked child (multiprocessing, DataLoader
+# workers) that hashed with them would wait forever. Children hash on one thread.
+_forked = False
+
+
+def _after_fork() -> None:
+    global _forked
+    _forked = True
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def _threads() -> int:
+    return 1 if _forked else blake3.blake3.AUTO
+
+
 def new_hasher() -> blake3.blake3:
-    return blake3.blake3(max_threads=blake3.blake3.AUTO)
+    return blake3.blake3(max_threads=_threads())
 
 
 def hash_bytes(data: bytes | memoryview) -> str:
     """Digest of ``data``."""
     if len(data) >= _THREADED_HASH_MIN:
-        return blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest()
+        return blake3.blake3(data, max_threads=_threads()).hexdigest()
     return blake3.blake3(data).hexdigest()
 
 
