@@ -546,6 +546,9 @@ def create_app(settings: Settings) -> FastAPI:
 
         return {"digests": visible(by_digest), "pixels": visible(by_pixels)}
 
+    from tessera.ui import mount_ui
+
+    mount_ui(app, backend, auth, settings.public_read)
     return app
 
 
