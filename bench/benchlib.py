@@ -1,0 +1,318 @@
+"""Helpers shared by the benchmark modules (``bench_<topic>.py``): result rows, timing, child
+processes with an isolated peak-RSS figure, and small file-system utilities.
+
+This module is not a benchmark itself: ``run.py`` only discovers files named ``bench_*.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+KiB = 1024
+MiB = 1024 * 1024
+
+_START = time.perf_counter()
+
+
+def log(message: str) -> None:
+    """A progress line on stderr (stdout carries the summary)."""
+    print(f"[{time.perf_counter() - _START:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+# -- result rows -------------------------------------------------------------------------------
+
+
+def result(
+    name: str,
+    value: float | int,
+    unit: str,
+    *,
+    reference: float | int | None = None,
+    reference_name: str | None = None,
+    ratio: float | None = None,
+    ratio_meaning: str | None = None,
+    target: str | None = None,
+    passed: bool | None = None,
+    notes: str = "",
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One figure of the report.
+
+    ``reference`` is the floor (or reference) measured in the same run, in the same ``unit``;
+    ``ratio`` is what ``target`` is judged on (``ratio_meaning`` says how it was computed, e.g.
+    ``"value / floor"``); ``passed`` is None for purely informational figures.
+    """
+    return {
+        "name": name,
+        "value": value,
+        "unit": unit,
+        "reference": reference,
+        "reference_name": reference_name,
+        "ratio": ratio,
+        "ratio_meaning": ratio_meaning,
+        "target": target,
+        "passed": passed,
+        "notes": notes,
+        "extra": extra or {},
+    }
+
+
+def div(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+# -- timing ------------------------------------------------------------------------------------
+
+
+def flush_dirty_pages() -> None:
+    """``sync`` (untimed) before a timed step, so that writes of earlier steps are not flushed
+    during it and charged to it."""
+    os.sync()
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - start, value
+
+
+def best_of(
+    n: int,
+    fn: Callable[[int], Any],
+    *,
+    setup: Callable[[int], Any] | None = None,
+    teardown: Callable[[int], Any] | None = None,
+) -> tuple[float, list[float]]:
+    """Run ``fn(i)`` ``n`` times (``setup(i)``/``teardown(i)`` untimed around each, and the
+    page cache's dirty pages flushed before each); return the best time and every sample."""
+    samples = []
+    for i in range(n):
+        if setup is not None:
+            setup(i)
+        flush_dirty_pages()
+        seconds, _ = timed(functools.partial(fn, i))
+        samples.append(seconds)
+        if teardown is not None:
+            teardown(i)
+    return min(samples), samples
+
+
+# -- child processes ---------------------------------------------------------------------------
+
+# Prepended to every child's code. ``ARGS`` holds the JSON arguments; ``report(dict)`` prints
+# the result (plus the child's own peak RSS) as the last line of stdout.
+CHILD_PRELUDE = r'''
+import json as _json, sys as _sys, time as _time
+_T0 = _time.perf_counter()
+ARGS = _json.loads(_sys.argv[1])
+
+def peak_rss_mib():
+    """VmHWM: the high-water mark of this process's own address space (fresh since exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return None
+
+def report(out):
+    out = dict(out)
+    out["peak_rss_mib"] = peak_rss_mib()
+    _sys.stdout.write("\n" + _json.dumps(out) + "\n")
+    _sys.stdout.flush()
+'''
+
+
+@dataclass
+class Finished:
+    """A finished child process, measured by ``wait4()`` on its own pid."""
+
+    wall_seconds: float
+    cpu_user_seconds: float
+    cpu_sys_seconds: float
+    wait4_maxrss_mib: float  # an upper bound only, see run_python
+    stdout: str = field(repr=False, default="")
+    stderr: str = field(repr=False, default="")
+
+    @property
+    def cpu_seconds(self) -> float:
+        return self.cpu_user_seconds + self.cpu_sys_seconds
+
+
+@dataclass
+class ChildResult:
+    output: dict[str, Any]
+    wall_seconds: float  # as seen by the parent: interpreter start-up and imports included
+    cpu_seconds: float  # user + system CPU of the child (all its threads), from wait4()
+    peak_rss_mib: float  # VmHWM reported by the child itself
+    wait4_maxrss_mib: float  # ru_maxrss from wait4(): an upper bound, see run_python
+    parent_rss_mib: float | None
+    stderr: str = field(repr=False, default="")
+
+
+def rss_mib(which: str = "VmRSS", pid: int | str = "self") -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(which + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def run_command(
+    argv: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 900.0,
+    check: bool = True,
+) -> Finished:
+    """Run a command; wall time, and CPU time and ru_maxrss of exactly that process (wait4 on
+    its pid, not RUSAGE_CHILDREN, which would mix in every earlier child)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
+        deadline = start + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                proc.send_signal(signal.SIGKILL)
+                _, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.001)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode("utf-8", "replace")
+        stderr = err.read().decode("utf-8", "replace")
+    if check and proc.returncode != 0:
+        raise RuntimeError(
+            f"{argv[0]} failed (exit {proc.returncode}):\n{stderr[-4000:]}\n{stdout[-2000:]}"
+        )
+    return Finished(
+        wall_seconds=wall,
+        cpu_user_seconds=usage.ru_utime,
+        cpu_sys_seconds=usage.ru_stime,
+        wait4_maxrss_mib=usage.ru_maxrss / 1024,
+        stdout=stdout,
+        stderr=stderr,
+    )
+
+
+def run_python(
+    code: str,
+    args: dict[str, Any],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 900.0,
+) -> ChildResult:
+    """Run ``code`` in a fresh Python interpreter and return what it ``report()``-ed.
+
+    Peak RSS: the child reports its own VmHWM, which covers only its address space since exec.
+    ``wait4()``'s ``ru_maxrss`` for that exact pid is recorded as a cross-check, but on Linux it
+    is only an upper bound: exec() folds the RSS high-water mark of the forked parent into the
+    child's ``maxrss``, so a big benchmark runner would inflate it.
+    """
+    child_env = dict(os.environ)
+    child_env.setdefault("TESSERA_PROGRESS", "0")
+    if env:
+        child_env.update(env)
+    parent_rss = rss_mib()
+    done = run_command(
+        [sys.executable, "-c", CHILD_PRELUDE + code, json.dumps(args)],
+        env=child_env,
+        timeout=timeout,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    if not lines:
+        raise RuntimeError(f"benchmark child printed nothing:\n{done.stderr[-4000:]}")
+    output = json.loads(lines[-1])
+    return ChildResult(
+        output=output,
+        wall_seconds=done.wall_seconds,
+        cpu_seconds=done.cpu_seconds,
+        peak_rss_mib=output.get("peak_rss_mib"),
+        wait4_maxrss_mib=done.wait4_maxrss_mib,
+        parent_rss_mib=parent_rss,
+        stderr=done.stderr,
+    )
+
+
+# -- files -------------------------------------------------------------------------------------
+
+
+def count_files(root: Path) -> int:
+    """Regular files below ``root`` (0 if it does not exist)."""
+    total = 0
+    for _folder, _dirs, files in os.walk(root):
+        total += len(files)
+    return total
+
+
+def remove(path: Path) -> None:
+    """Delete a file or folder tree if it exists (read-only blob files included)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def set_mtime_past(root: Path, seconds: float = 2.0) -> None:
+    """Backdate every file below ``root``: a file modified within the stat cache's racy window
+    of being hashed is (rightly) never trusted by it, which would make re-log look slow."""
+    when = time.time() - seconds
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            os.utime(os.path.join(folder, name), (when, when))
+
+
+def fs_info(path: Path) -> dict[str, Any]:
+    """Device, file-system type and free space of the file system holding ``path``."""
+    path = path.resolve()
+    st = os.stat(path)
+    fstype = source = mount = options = None
+    best = ""
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3:
+                    point = parts[1]
+                    inside = str(path) == point or str(path).startswith(point.rstrip("/") + "/")
+                    if inside and len(point) >= len(best):
+                        best, source, mount, fstype = point, parts[0], point, parts[2]
+                        options = parts[3] if len(parts) > 3 else None
+    except OSError:
+        pass
+    usage = shutil.disk_usage(path)
+    journal = None
+    if fstype == "ext4" and source and source.startswith("/dev/"):
+        # ext4 lists a journal under /proc/fs/jbd2/<device>-8 when it has one.
+        journal = os.path.exists(f"/proc/fs/jbd2/{os.path.basename(source)}-8")
+    return {
+        "path": str(path),
+        "device": st.st_dev,
+        "source": source,
+        "mount": mount,
+        "fstype": fstype,
+        "options": options,
+        "journal": journal,
+        "free_gib": round(usage.free / 1024**3, 1),
+    }
