@@ -318,17 +318,10 @@ def _check_column(world: World, caller: str) -> list[str]:
     return wrong
 
 
-ANONYMOUS_BUGS = (
-    "GET /api/v1/runs (all_runs) lacks the sign-in check every other list has: a caller "
-    "without a token gets 200 [] instead of 401"
-)
-
-
 @pytest.mark.parametrize(
     "caller",
     [
-        pytest.param("anonymous", marks=pytest.mark.xfail(strict=True, reason=ANONYMOUS_BUGS)),
-        *CALLERS[1:],
+        *CALLERS,
     ],
 )
 def test_permission_matrix(world: World, caller: str) -> None:
@@ -411,11 +404,6 @@ def test_a_digest_is_not_a_capability(world: World) -> None:
         assert hash_bytes(c.get(f"/api/v1/blobs/{digest}").content) == digest
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="POST /blobs/missing answers 'present' for any blob of any project and commit only "
-    "checks presence, so a manifest naming a foreign digest makes it readable (dedup attack)",
-)
 def test_a_digest_cannot_be_laundered_through_a_manifest(world: World) -> None:
     """The outsider commits, in their own project, a manifest naming P's image without ever
     sending its bytes; the server must not then serve them P's image."""
@@ -469,11 +457,6 @@ def test_public_read_server(tmp_path: Path) -> None:
         server.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="POST /api/v1/tokens with admin=true calls ensure_user(..., is_admin=True), an "
-    "INSERT OR IGNORE: an existing user is silently not made an admin",
-)
 def test_admin_token_for_an_existing_user_makes_them_admin(world: World) -> None:
     w = world
     w.server.token_for("ursula")
@@ -514,6 +497,7 @@ def cli_server(tmp_path_factory: pytest.TempPathFactory):
     server.stop()
 
 
+@pytest.mark.slow
 def test_first_start_prints_an_admin_token_once(cli_server: ServerProcess) -> None:
     printed = [line.strip() for line in cli_server.first_log.splitlines() if "tsr_" in line]  # type: ignore[attr-defined]
     assert len(printed) == 1 and printed[0] == cli_server.admin_token
@@ -527,6 +511,7 @@ def _catalog_bytes(store: Path) -> bytes:
     return b"".join(p.read_bytes() for p in store.glob("catalog.db*"))
 
 
+@pytest.mark.slow
 def test_tokens_through_the_cli(cli_server: ServerProcess) -> None:
     url = cli_server.url
     as_admin = {"TESSERA_SERVER": url, "TESSERA_TOKEN": cli_server.admin_token or ""}
@@ -569,6 +554,7 @@ def test_tokens_through_the_cli(cli_server: ServerProcess) -> None:
     assert row["revoked_at"] is not None
 
 
+@pytest.mark.slow
 def test_login_saves_the_token_privately(cli_server: ServerProcess, tmp_path: Path) -> None:
     token = cli_server.token_for("lena", "lenaproj", "writer")
     good, bad = tmp_path / "xdg-good", tmp_path / "xdg-bad"
@@ -601,12 +587,6 @@ def test_login_saves_the_token_privately(cli_server: ServerProcess, tmp_path: Pa
     assert "lena" in listed.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Principal.require raises NotFoundError(f'no project {project!r} ...') with the "
-    "project of the requested run/version: enumerating the sequential version ids reveals the "
-    "names of private projects",
-)
 def test_refusals_do_not_name_private_projects(world: World) -> None:
     with httpx.Client(base_url=world.server.url, headers=world.headers("outsider")) as c:
         for url in (
@@ -619,12 +599,6 @@ def test_refusals_do_not_name_private_projects(world: World) -> None:
             assert P not in response.text, response.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Catalog.find_samples keeps one match per digest (the newest version, whatever its "
-    "project) and the server filters afterwards: an image also in a newer dataset of a project "
-    "the caller cannot read is not found at all, so log_table stores it again as new media",
-)
 def test_sample_lookup_finds_the_match_the_caller_may_read(tmp_path: Path) -> None:
     server = ThreadedServer(tmp_path / "store")
     try:

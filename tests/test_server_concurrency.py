@@ -32,6 +32,8 @@ from tessera.store import Store
 from tessera.store.hashing import hash_file
 from tessera.store.maintenance import verify
 
+pytestmark = pytest.mark.slow
+
 FORK = multiprocessing.get_context("forkserver")
 FORK.set_forkserver_preload(["tessera", "tessera.backend.http", "test_server_concurrency"])
 BIG_FILES = 12

@@ -27,6 +27,8 @@ import tessera
 from conftest import ThreadedServer, make_images, store_state
 from tessera.backend.local import LocalBackend
 
+pytestmark = pytest.mark.slow
+
 REQUEST = re.compile(r'"([A-Z]+) (\S+) HTTP/')
 
 

@@ -60,5 +60,9 @@ class DigestMismatchError(StoreCorruptError):
     """Bytes do not hash to the digest they were stored or announced under."""
 
 
+class BlobTooLargeError(TesseraError):
+    """A blob (or an upload request) is larger than the server accepts (HTTP 413)."""
+
+
 class RunFinishedError(TesseraError):
     """Something was logged to a run that has already finished."""

@@ -59,6 +59,7 @@ def load(cls: type[R], data: dict[str, Any] | None) -> R:
 # Which exception class each HTTP status maps to when the body names no known class.
 STATUS_FOR: dict[type[Exception], int] = {
     errors.NotSignedInError: 401,
+    errors.BlobTooLargeError: 413,
     errors.MissingBlobsError: 409,
     errors.ConflictError: 409,
     errors.NotFoundError: 404,
@@ -106,5 +107,5 @@ def raise_error(status: int, body: Any) -> None:
     if status == 404:
         raise errors.NotFoundError(message)
     if status == 413:
-        raise errors.TesseraError(f"the server refused the upload as too large: {message}")
+        raise errors.BlobTooLargeError(f"the server refused the upload as too large: {message}")
     raise errors.TesseraError(f"server error {status}: {message}")

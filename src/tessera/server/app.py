@@ -23,6 +23,7 @@ from tessera import wire
 from tessera.backend.local import LocalBackend
 from tessera.errors import (
     AuthError,
+    BlobTooLargeError,
     DigestMismatchError,
     MissingBlobsError,
     NotFoundError,
@@ -38,6 +39,7 @@ from tessera.store.hashing import check_digest, new_hasher
 
 DEFAULT_MAX_BLOB_BYTES = 64 * 1024**3
 PACK_HEADER = struct.Struct(">64sQ")  # digest (ASCII hex), size
+MAX_PACK_BYTES = 64 * 1024 * 1024  # clients send packs of at most 16 MiB of blobs
 
 
 @dataclass
@@ -264,7 +266,17 @@ def create_app(settings: Settings) -> FastAPI:
         caller.require_writer_or_create(body.project)
         for digest in body.digests:
             check_digest(digest)
-        return {"missing": sorted(backend.store.blobs.missing(body.digests))}
+        absent = backend.store.blobs.missing(body.digests)
+        return {
+            "missing": sorted(absent | unusable(caller, body.project, set(body.digests) - absent))
+        }
+
+    def unusable(caller: Principal, project: str, present: set[str]) -> set[str]:
+        """Stored blobs the caller must still upload to name them in ``project``: a digest is
+        not a capability, so a blob only projects the caller cannot read hold does not count."""
+        if caller.is_admin or settings.public_read or not present:
+            return set()
+        return present - auth.usable_blobs(project, present, set(caller.roles()))
 
     @app.put("/api/v1/blobs/{digest}")
     async def put_blob(
@@ -301,16 +313,27 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             temp.unlink(missing_ok=True)
         counters.add(blobs_stored=int(stored), blobs_already_present=int(not stored))
+        await run_in_threadpool(auth.grant_blobs, project, [digest])
         return JSONResponse({"digest": digest, "size": size, "stored": stored})
 
     @app.post("/api/v1/blobs/pack")
     async def put_pack(request: Request, caller: Caller, project: str = Query(...)) -> Response:
         """Many small blobs in one request: frames of [64-byte hex digest][u64 size][bytes]."""
         await run_in_threadpool(caller.require_writer_or_create, project)
-        body = await request.body()
+        declared = request.headers.get("content-length")
+        if declared is not None and int(declared) > MAX_PACK_BYTES:
+            return _too_large(MAX_PACK_BYTES, "pack")
+        parts, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_PACK_BYTES:
+                return _too_large(MAX_PACK_BYTES, "pack")
+            parts.append(chunk)
+        body = b"".join(parts)
         counters.add(blob_bytes_received=len(body))
         frames = _parse_pack(body, settings.max_blob_bytes)
         stored = await run_in_threadpool(_store_pack, backend, frames)
+        await run_in_threadpool(auth.grant_blobs, project, [d for d, _ in frames])
         counters.add(
             blobs_received=len(frames),
             blobs_stored=stored,
@@ -370,6 +393,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/api/v1/runs")
     def all_runs(caller: Caller) -> list[dict[str, Any]]:
+        if caller.anonymous and not settings.public_read:
+            caller.require_user()
         backend.mark_stale_runs()
         return wire.dump([r for r in backend.runs() if caller.readable(r.project)])
 
@@ -377,13 +402,13 @@ def create_app(settings: Settings) -> FastAPI:
     def get_run(run_id: str, caller: Caller) -> dict[str, Any]:
         backend.mark_stale_runs()
         record, project = run_project(run_id)
-        caller.require(project, "reader")
+        caller.require(project, "reader", hidden=True)
         return wire.dump(record)
 
     @app.patch("/api/v1/runs/{run_id}")
     def update_run(run_id: str, body: RunUpdate, caller: Caller) -> dict[str, Any]:
         _, project = run_project(run_id)
-        caller.require(project, "writer")
+        caller.require(project, "writer", hidden=True)
         changed = True
         if body.summary is not None:
             backend.set_summary(run_id, body.summary)
@@ -396,28 +421,28 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post("/api/v1/runs/{run_id}/metrics")
     def log_metrics(run_id: str, body: MetricsBody, caller: Caller) -> dict[str, bool]:
         _, project = run_project(run_id)
-        caller.require(project, "writer")
+        caller.require(project, "writer", hidden=True)
         backend.log_metrics(run_id, body.step, body.values, body.summary)
         return {"ok": True}
 
     @app.get("/api/v1/runs/{run_id}/metrics")
     def metric_history(run_id: str, caller: Caller) -> list[tuple[int, str, float | None]]:
         _, project = run_project(run_id)
-        caller.require(project, "reader")
+        caller.require(project, "reader", hidden=True)
         return backend.metric_history(run_id)
 
     @app.post("/api/v1/runs/{run_id}/uses")
     def record_use(run_id: str, body: UseBody, caller: Caller) -> dict[str, bool]:
         _, project = run_project(run_id)
-        caller.require(project, "writer")
-        caller.require(version_project(body.version_id), "reader")
+        caller.require(project, "writer", hidden=True)
+        caller.require(version_project(body.version_id), "reader", hidden=True)
         backend.record_use(run_id, body.version_id)
         return {"ok": True}
 
     @app.get("/api/v1/runs/{run_id}/versions")
     def run_versions(run_id: str, caller: Caller) -> dict[str, list[dict[str, Any]]]:
         _, project = run_project(run_id)
-        caller.require(project, "reader")
+        caller.require(project, "reader", hidden=True)
         return {
             k: wire.dump([v for v in vs if caller.readable(v.project)])
             for k, vs in backend.run_versions(run_id).items()
@@ -426,7 +451,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/api/v1/runs/{run_id}/tables")
     def run_tables(run_id: str, caller: Caller) -> list[list[dict[str, Any]]]:
         _, project = run_project(run_id)
-        caller.require(project, "reader")
+        caller.require(project, "reader", hidden=True)
         return [[wire.dump(v), wire.dump(t)] for v, t in backend.run_tables(run_id)]
 
     # -- artifacts and versions ------------------------------------------------------------
@@ -463,7 +488,7 @@ def create_app(settings: Settings) -> FastAPI:
         if owner is not None:
             caller.require(owner, "reader")
         record = backend.resolve(parsed, project)
-        caller.require(record.project, "reader")
+        caller.require(record.project, "reader", hidden=True)
         return wire.dump(record)
 
     @app.post("/api/v1/projects/{project}/versions")
@@ -484,6 +509,14 @@ def create_app(settings: Settings) -> FastAPI:
                 [body.digest],
             )
         manifest = backend.read_manifest(body.digest)
+        needed = {body.digest, *manifest.stored_digests()}
+        refused = unusable(caller, project, needed - backend.store.blobs.missing(needed))
+        if refused:
+            raise MissingBlobsError(
+                f"{len(refused)} blobs this version names were not uploaded to {project!r}; "
+                "upload them, then commit",
+                sorted(refused),
+            )
         record, created = backend.commit_version(
             project=project,
             name=body.name,
@@ -499,12 +532,12 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/api/v1/versions/{version_id}")
     def get_version(version_id: int, caller: Caller) -> dict[str, Any]:
         record = backend.version_by_id(version_id)
-        caller.require(record.project, "reader")
+        caller.require(record.project, "reader", hidden=True)
         return wire.dump(record)
 
     @app.get("/api/v1/versions/{version_id}/lineage")
     def lineage(version_id: int, caller: Caller) -> dict[str, list[dict[str, Any]]]:
-        caller.require(version_project(version_id), "reader")
+        caller.require(version_project(version_id), "reader", hidden=True)
         return {
             k: wire.dump([r for r in rs if caller.readable(r.project)])
             for k, rs in backend.lineage(version_id).items()
@@ -512,7 +545,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/api/v1/versions/{version_id}/table")
     def table_row(version_id: int, caller: Caller) -> dict[str, Any] | None:
-        caller.require(version_project(version_id), "reader")
+        caller.require(version_project(version_id), "reader", hidden=True)
         return wire.dump(backend.table_row(version_id))
 
     @app.get("/api/v1/tables")
@@ -535,7 +568,10 @@ def create_app(settings: Settings) -> FastAPI:
     def find_samples(body: FindSamples, caller: Caller) -> dict[str, dict[str, Any]]:
         if caller.anonymous and not settings.public_read:
             caller.require_user()
-        by_digest, by_pixels = backend.find_samples(body.digests, body.pixels)
+        visible_projects = None if caller.is_admin or settings.public_read else set(caller.roles())
+        by_digest, by_pixels = backend.catalog.find_samples(
+            body.digests, body.pixels, visible_projects
+        )
 
         def visible(found: dict[str, Any]) -> dict[str, Any]:
             return {
@@ -552,11 +588,12 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-def _too_large(limit: int) -> JSONResponse:
+def _too_large(limit: int, what: str = "blob") -> JSONResponse:
+    option = " (--max-blob-size)" if what == "blob" else ""
     return JSONResponse(
         {
-            "error": "TesseraError",
-            "message": f"blob larger than this server's limit of {limit:,} bytes (--max-blob-size)",
+            "error": "BlobTooLargeError",
+            "message": f"{what} larger than this server's limit of {limit:,} bytes{option}",
         },
         status_code=413,
     )
@@ -581,7 +618,12 @@ def _parse_pack(body: bytes, limit: int) -> list[tuple[str, memoryview]]:
         raw, size = PACK_HEADER.unpack_from(view, offset)
         offset += PACK_HEADER.size
         digest = check_digest(raw.decode("ascii", "replace"))
-        if size > limit or offset + size > len(view):
+        if size > limit:
+            raise BlobTooLargeError(
+                f"blob {digest} has {size:,} bytes, over this server's limit of {limit:,} bytes "
+                "(--max-blob-size)"
+            )
+        if offset + size > len(view):
             raise DigestMismatchError(f"truncated pack: blob {digest} is cut off")
         frames.append((digest, view[offset : offset + size]))
         offset += size

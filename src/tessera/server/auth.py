@@ -65,15 +65,20 @@ class Principal:
     def readable(self, project: str) -> bool:
         return self.can(project, "reader")
 
-    def require(self, project: str, need: str) -> None:
-        """Raise unless the caller has ``need`` in ``project``; invisible projects look absent."""
+    def require(self, project: str, need: str, hidden: bool = False) -> None:
+        """Raise unless the caller has ``need`` in ``project``; invisible projects look absent.
+        ``hidden``: the caller named a run or version, not the project; do not name it."""
         if self.can(project, need):
             return
         if self.user is None:
             self.require_user()
         role = self.roles().get(project)
         if role is None and not self.public_read:
-            raise NotFoundError(f"no project {project!r} (or you are not a member of it)")
+            raise NotFoundError(
+                "not found (or in a project you are not a member of)"
+                if hidden
+                else f"no project {project!r} (or you are not a member of it)"
+            )
         raise AuthError(
             f"you are {'a ' + role if role else 'not a member'} of project {project!r}; "
             f"this needs the {need} role"

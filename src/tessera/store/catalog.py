@@ -29,7 +29,7 @@ from tessera.names import VersionSpec
 from tessera.store import schema as t
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
-HEAD_REVISION = "0003"  # keep equal to the newest file in migrations/versions
+HEAD_REVISION = "0004"  # keep equal to the newest file in migrations/versions
 RUN_STATUSES = ("running", "finished", "failed", "crashed")
 
 
@@ -701,11 +701,12 @@ class Catalog:
         return out
 
     def find_samples(
-        self, digests: list[str], pixels: list[str]
+        self, digests: list[str], pixels: list[str], projects: set[str] | None = None
     ) -> tuple[dict[str, SampleMatch], dict[str, SampleMatch]]:
         """Dataset samples whose image has one of these content digests, or pixel digests.
 
-        Where several samples match, the newest dataset version wins.
+        Where several samples match, the newest dataset version wins; with ``projects``, only
+        versions of those projects are considered (the server passes what the caller may read).
         """
         by_digest: dict[str, SampleMatch] = {}
         by_pixels: dict[str, SampleMatch] = {}
@@ -722,6 +723,13 @@ class Catalog:
                         .where(column.in_(unique[start : start + 500]))
                         .order_by(ix.c.version_id)
                     )
+                    if projects is not None:
+                        query = (
+                            query.join(t.versions, t.versions.c.id == ix.c.version_id)
+                            .join(t.artifacts, t.artifacts.c.id == t.versions.c.artifact_id)
+                            .join(t.projects, t.projects.c.id == t.artifacts.c.project_id)
+                            .where(t.projects.c.name.in_(sorted(projects)))
+                        )
                     for row in conn.execute(query):
                         out[row[3]] = SampleMatch(row.version_id, row.sample_id, row.digest)
         return by_digest, by_pixels
@@ -851,6 +859,8 @@ class AuthCatalog:
                     conn, t.users, {"name": name, "is_admin": is_admin, "created_at": time.time()}
                 )
             )
+            if is_admin:  # an existing user is promoted (never demoted) by an admin
+                conn.execute(t.users.update().where(t.users.c.name == name).values(is_admin=True))
             row = conn.execute(sa.select(t.users).where(t.users.c.name == name)).one()
         return UserRecord(row.id, row.name, bool(row.is_admin))
 
@@ -983,6 +993,50 @@ class AuthCatalog:
         for member in members:
             other.set_member(member.project, names[member.user], member.role)
         return len(users)
+
+    def grant_blobs(self, project: str, digests: list[str]) -> None:
+        """Record that ``project`` uploaded these blobs' bytes (so it may commit them)."""
+        now = time.time()
+        with self.catalog.write() as conn:
+            project_id = self.catalog.ensure_project(conn, project)
+            for digest in sorted(set(digests)):
+                conn.execute(
+                    _insert_ignore(
+                        conn,
+                        t.blob_grants,
+                        {"project_id": project_id, "digest": digest, "created_at": now},
+                    )
+                )
+
+    def usable_blobs(self, project: str, digests: set[str], readable: set[str]) -> set[str]:
+        """The digests ``project`` may name without uploading them: uploaded to it before, or
+        in a version of a project in ``readable`` (the projects the caller may read)."""
+        out: set[str] = set()
+        wanted = sorted(digests)
+        with self.catalog.read() as conn:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                out.update(
+                    conn.execute(
+                        sa.select(t.blob_grants.c.digest)
+                        .join(t.projects, t.projects.c.id == t.blob_grants.c.project_id)
+                        .where(t.projects.c.name == project, t.blob_grants.c.digest.in_(chunk))
+                    ).scalars()
+                )
+                out.update(
+                    conn.execute(
+                        sa.select(t.version_blobs.c.digest)
+                        .distinct()
+                        .join(t.versions, t.versions.c.id == t.version_blobs.c.version_id)
+                        .join(t.artifacts, t.artifacts.c.id == t.versions.c.artifact_id)
+                        .join(t.projects, t.projects.c.id == t.artifacts.c.project_id)
+                        .where(
+                            t.projects.c.name.in_(sorted(readable | {project})),
+                            t.version_blobs.c.digest.in_(chunk),
+                        )
+                    ).scalars()
+                )
+        return out
 
     def blob_projects(self, digest: str) -> set[str]:
         """Projects with a version that needs this blob."""

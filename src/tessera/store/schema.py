@@ -158,6 +158,16 @@ tokens = sa.Table(
     sa.Column("revoked_at", sa.Float),
 )
 
+# A project that uploaded a blob's bytes may name it in its versions (migration 0004): a digest
+# alone is not a capability, so a blob only other projects hold must be uploaded again.
+blob_grants = sa.Table(
+    "blob_grants",
+    metadata,
+    sa.Column("project_id", BigId, sa.ForeignKey("projects.id"), primary_key=True),
+    sa.Column("digest", sa.String(64), primary_key=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
 members = sa.Table(
     "members",
     metadata,

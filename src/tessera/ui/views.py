@@ -162,8 +162,13 @@ def page_viewer(request: Request) -> Viewer:
     return viewer
 
 
-def require_project(viewer: Viewer, project: str) -> None:
+def require_project(viewer: Viewer, project: str, what: str | None = None) -> None:
+    """Raise NotFound unless the viewer may read ``project``. ``what`` names the thing asked
+    for when the project came from a record (a run, a version): the refusal must not reveal
+    the name of a project the viewer cannot see."""
     if not viewer.readable(project):
+        if what is not None:
+            raise NotFoundError(f"no {what} (or you may not read it)")
         raise NotFoundError(f"no project {project!r} (or you are not a member of it)")
 
 
@@ -526,7 +531,7 @@ def run_page(request: Request, run_id: str) -> Response:
     ui = _ui(request)
     ui.data.mark_stale_runs()
     run = ui.backend.run(run_id)
-    require_project(viewer, run.project)
+    require_project(viewer, run.project, f"run {run_id!r}")
     with ui.data.cursor() as cur:
         reduced = charts.reduce_history(cur, ui.backend.metric_history(run.id))
     metric_charts = [
@@ -557,7 +562,7 @@ def run_page(request: Request, run_id: str) -> Response:
 
 def _version(request: Request, viewer: Viewer, version_id: int) -> VersionRecord:
     record = _ui(request).backend.version_by_id(version_id)
-    require_project(viewer, record.project)
+    require_project(viewer, record.project, f"version {version_id}")
     return record
 
 
