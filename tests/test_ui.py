@@ -568,7 +568,11 @@ def test_private_projects_need_a_session(server: ThreadedServer, seeded: dict[st
         projects = reader.get("/").text
         assert 'data-project="seed"' in projects and "secret" not in projects
         assert reader.get("/projects/secret").status_code == 404
-        assert reader.get(f"/versions/{seeded['private']}").status_code == 404
+        hidden = reader.get(f"/versions/{seeded['private']}")
+        assert hidden.status_code == 404 and "secret" not in hidden.text  # not even its name
+        hidden_run = reader.get(f"/runs/{seeded['runs']['baseline']}")
+        assert hidden_run.status_code == 200
+        assert reader.get(f"/sample?v={seeded['private']}&id=p0").status_code == 404
         assert reader.get(f"/media/thumb/64/{seeded['secret_image']}").status_code == 404
         assert reader.get(f"/media/thumb/64/{seeded['seed_image']}").status_code == 200
         project = reader.get("/projects/seed").text
