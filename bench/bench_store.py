@@ -405,7 +405,7 @@ def run(workdir: Path, quick: bool) -> list[dict[str, Any]]:
                 ratio_meaning="speed-up: first ingest / re-log",
                 notes=(
                     "Informational: re-log with the stat cache deleted, so every file is read and "
-                    f"hashed again (blobs exist, so nothing is written); {after - before} new blobs."
+                    f"hashed again (blobs exist, so nothing new is kept); {after - before} new blobs."
                 ),
                 extra=_breakdown(cold),
             )

@@ -209,7 +209,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Tessera benchmark report",
         "",
-        f"- generated: {report['generated_at']} ({report['duration_s']:.0f} s, "
+        f"- started: {report['generated_at']} ({report['duration_s']:.0f} s, "
         f"{'QUICK mode: reduced sizes, a smoke test, not representative' if report['quick'] else 'full sizes'})",
         f"- host: {host['cpus']} CPUs ({host['cpu_model']}), {host['mem_gib']} GiB RAM, "
         f"kernel {host['kernel']}, Python {host['python']}, tessera {host['tessera']} "
