@@ -18,18 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from tessera.api.artifact import Artifact, ArtifactVersion
 from tessera.api.browse import StoreBrowser
-from tessera.api.compare import CompareError, Comparison, compare
-from tessera.api.dataset import Batch, Dataset, DatasetError, DatasetVersion
-from tessera.api.predictions import PredictionError, PredictionWriter
 from tessera.api.run import Run
-from tessera.api.table import (
-    Image,
-    ImageRef,
-    Table,
-    TableError,
-    TableVersion,
-    UnmatchedImagesWarning,
-)
 from tessera.config import open_backend
 from tessera.errors import (
     ConflictError,
@@ -44,11 +33,60 @@ from tessera.errors import (
     TesseraError,
 )
 from tessera.jsonvalues import to_json
-from tessera.media import ImageError
 from tessera.names import check_name
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from tessera.api.compare import CompareError, Comparison, compare
+    from tessera.api.dataset import Batch, Dataset, DatasetError, DatasetVersion
+    from tessera.api.predictions import PredictionError, PredictionWriter
+    from tessera.api.table import (
+        Image,
+        ImageRef,
+        Table,
+        TableError,
+        TableVersion,
+        UnmatchedImagesWarning,
+    )
+    from tessera.media import ImageError
+
+# Names whose modules pull in numpy, pyarrow, Pillow, pandas or DuckDB are imported on first
+# use (PEP 562), so that `import tessera` for runs, metrics and file artifacts stays light:
+# eager imports cost ~150 MiB of RSS and seconds of start-up before any work.
+_LAZY = {
+    "CompareError": "tessera.api.compare",
+    "Comparison": "tessera.api.compare",
+    "compare": "tessera.api.compare",
+    "Batch": "tessera.api.dataset",
+    "Dataset": "tessera.api.dataset",
+    "DatasetError": "tessera.api.dataset",
+    "DatasetVersion": "tessera.api.dataset",
+    "PredictionError": "tessera.api.predictions",
+    "PredictionWriter": "tessera.api.predictions",
+    "Image": "tessera.api.table",
+    "ImageRef": "tessera.api.table",
+    "Table": "tessera.api.table",
+    "TableError": "tessera.api.table",
+    "TableVersion": "tessera.api.table",
+    "UnmatchedImagesWarning": "tessera.api.table",
+    "ImageError": "tessera.media",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tessera' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __version__ = "0.1.0"
 

@@ -11,12 +11,9 @@ import warnings
 import weakref
 from collections.abc import Iterator, Mapping, MutableMapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tessera.api.artifact import Artifact, ArtifactVersion
-from tessera.api.dataset import Dataset, DatasetVersion, store_dataset
-from tessera.api.predictions import PredictionWriter
-from tessera.api.table import Table, TableVersion, UnmatchedImagesWarning, store_table
 from tessera.api.versions import version_object
 from tessera.backend.base import Backend
 from tessera.errors import NotFoundError, RunFinishedError
@@ -25,6 +22,14 @@ from tessera.names import check_alias, check_name, parse_version_spec
 from tessera.runtime import HEARTBEAT_SECONDS
 from tessera.store.catalog import RunRecord
 from tessera.store.manifest import Manifest
+
+if TYPE_CHECKING:
+    from tessera.api.dataset import Dataset, DatasetVersion
+    from tessera.api.predictions import PredictionWriter
+    from tessera.api.table import Table, TableVersion
+
+# The dataset, table and prediction modules (numpy, pyarrow, Pillow) are imported inside the
+# methods that need them: a run that logs metrics and files never pays for them.
 
 
 class Run:
@@ -89,7 +94,12 @@ class Run:
         self._check_open()
         if not isinstance(data, Mapping):
             raise TypeError(f"run.log() takes a dict of metric values, got {type(data).__name__}")
-        tables = {k: v for k, v in data.items() if isinstance(v, Table)}
+        table_module = sys.modules.get("tessera.api.table")  # no Table exists before its import
+        tables = (
+            {k: v for k, v in data.items() if isinstance(v, table_module.Table)}
+            if table_module is not None
+            else {}
+        )
         values = _flatten_metrics({k: v for k, v in data.items() if k not in tables})
         for key, table in tables.items():
             self.log_table(key, table)
@@ -146,6 +156,8 @@ class Run:
         self, dataset: Dataset, aliases: tuple[str, ...] | list[str] = ()
     ) -> DatasetVersion:
         """Store a dataset: each image once (files keep their bytes), plus its sample table."""
+        from tessera.api.dataset import Dataset, DatasetVersion, store_dataset
+
         self._check_open()
         if not isinstance(dataset, Dataset):
             raise TypeError(f"log_dataset takes a tessera.Dataset, got {type(dataset).__name__}")
@@ -171,10 +183,14 @@ class Run:
         if record.type != "dataset":  # check before recording the use: a refusal leaves no trace
             raise NotFoundError(f"{record.spec} is a {record.type!r} artifact, not a dataset")
         self._backend.record_use(self.id, record.id)
+        from tessera.api.dataset import DatasetVersion
+
         return DatasetVersion(self._backend, record, run=self)
 
     def log_table(self, name: str, table: Table) -> TableVersion:
         """Store a table; ``Image`` cells that match a dataset sample become references to it."""
+        from tessera.api.table import Table, TableVersion, UnmatchedImagesWarning, store_table
+
         self._check_open()
         check_name(name, "table")
         if not isinstance(table, Table):
@@ -205,6 +221,8 @@ class Run:
     def predictions(self, dataset: DatasetVersion, name: str = "predictions") -> PredictionWriter:
         """Stream predictions batch by batch: ``with run.predictions(dsv) as p: p.add(ids=...,
         pred=..., scores=...)``. Stored when the block ends without an exception."""
+        from tessera.api.predictions import PredictionWriter
+
         self._check_open()
         return PredictionWriter(self, dataset, name)
 
@@ -222,6 +240,8 @@ class Run:
 
     def tables(self) -> list[TableVersion]:
         """The tables and predictions this run logged, oldest first."""
+        from tessera.api.table import TableVersion
+
         return [
             TableVersion(self._backend, record, run=self)
             for record, _row in self._backend.run_tables(self.id)

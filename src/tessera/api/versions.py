@@ -5,21 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from tessera.api.artifact import ArtifactVersion
-from tessera.api.dataset import DatasetVersion
-from tessera.api.table import TableVersion
 from tessera.backend.base import Backend
 from tessera.store.catalog import VersionRecord
 from tessera.store.manifest import Manifest
 
 if TYPE_CHECKING:
     from tessera.api.run import Run
-
-_BY_TYPE: dict[str, type[ArtifactVersion]] = {
-    "dataset": DatasetVersion,
-    "table": TableVersion,
-    "predictions": TableVersion,
-}
-
 
 def version_object(
     backend: Backend,
@@ -28,5 +19,10 @@ def version_object(
     run: Run | None = None,
 ) -> ArtifactVersion:
     """An ``ArtifactVersion``, or a ``DatasetVersion`` / ``TableVersion`` for those types."""
-    cls = _BY_TYPE.get(record.type, ArtifactVersion)
+    # Imported here: datasets and tables need numpy/pyarrow, plain artifacts do not.
+    cls: type[ArtifactVersion] = ArtifactVersion
+    if record.type == "dataset":
+        from tessera.api.dataset import DatasetVersion as cls
+    elif record.type in ("table", "predictions"):
+        from tessera.api.table import TableVersion as cls
     return cls(backend, record, manifest, run=run)

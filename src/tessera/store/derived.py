@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from tessera.errors import StoreCorruptError
 from tessera.store.catalog import SampleRow, TableRow
 from tessera.store.manifest import Manifest
@@ -28,6 +26,8 @@ def sample_rows(manifest: Manifest, blob_path: Callable[[str], Path]) -> list[Sa
     entry = manifest.files.get(name)
     if entry is None:
         raise StoreCorruptError(f"dataset manifest lists no sample table {name!r}")
+    import pyarrow.parquet as pq  # only datasets need it; plain artifacts commit without it
+
     table = pq.read_table(str(blob_path(entry.digest)), columns=["id", "image", "pixels"])
     ids, images, pixels = (table.column(c).to_pylist() for c in ("id", "image", "pixels"))
     return [SampleRow(i, d, p) for i, d, p in zip(ids, images, pixels, strict=True)]
