@@ -39,6 +39,9 @@ def check_alias(alias: object) -> str:
     return alias
 
 
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
+
+
 def check_artifact_path(path: object) -> str:
     """Return ``path`` if it is a safe relative POSIX path inside an artifact.
 
@@ -55,7 +58,7 @@ def check_artifact_path(path: object) -> str:
         raise InvalidPathError(f"artifact path {path!r} is absolute; use a relative path")
     if "\\" in path:
         raise InvalidPathError(f"artifact path {path!r} contains a backslash; use '/'")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in path):
+    if _CONTROL_CHARACTER.search(path):
         raise InvalidPathError(f"artifact path {path!r} contains a control character")
     for segment in path.split("/"):
         if segment in ("", ".", ".."):
