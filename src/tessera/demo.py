@@ -236,12 +236,15 @@ def run_demo(
     console.print(f"dataset {v0.spec}: {v0.num_samples:,} images, {human(dataset_bytes)} stored")
 
     # 2. Three models, each trained and then evaluated by reading the dataset back.
-    rng = np.random.default_rng(0)
-    chosen = rng.choice(len(data.train_x), size=min(train_size, len(data.train_x)), replace=False)
-    train_x, train_y = preprocess(data.train_x[chosen]), data.train_y[chosen]
+    with phase("importing scikit-learn, preprocessing the training images"):
+        rng = np.random.default_rng(0)
+        size = min(train_size, len(data.train_x))
+        chosen = rng.choice(len(data.train_x), size=size, replace=False)
+        train_x, train_y = preprocess(data.train_x[chosen]), data.train_y[chosen]
+        makers = models()
     added: dict[str, int] = {}
     fitted = {}
-    for name, make in models().items():
+    for name, make in makers.items():
         config = {"model": name, "train_size": len(chosen)}
         with tessera.init(project=PROJECT, name=name, config=config, dir=dir) as run:
             model = make()
