@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -112,3 +113,11 @@ def test_demo_refuses_a_bad_limit_and_an_existing_store(tmp_path):
     )
     assert taken.returncode == 1 and "already holds a store" in taken.stderr
     assert "Traceback" not in taken.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        command = [*CLI, "demo", "--dir", str(tmp_path / "u"), "--ui", "--port", port]
+        in_use = subprocess.run(command, capture_output=True, text=True, env=ENV)
+    assert in_use.returncode == 2 and "in use" in in_use.stderr
+    assert not (tmp_path / "u").exists()  # refused before any work
