@@ -582,10 +582,20 @@ def pull(
 
 @app.command()
 def demo(
-    dir: Annotated[Path, typer.Option(help="Store folder for the demo (created).")] = Path("tessera-demo"),
-    dataset: Annotated[str, typer.Option(help="fashion-mnist (Debian's dataset-fashion-mnist) or digits.")] = "fashion-mnist",
-    ui: Annotated[bool, typer.Option("--ui", help="Start the web UI on the demo store afterwards.")] = False,
-    port: Annotated[int, typer.Option(help="Port for --ui.")] = 8080,
+    dir: Annotated[Path, typer.Option(help="Store folder for the demo (created).")] = Path(
+        "tessera-demo"
+    ),
+    dataset: Annotated[
+        str, typer.Option(help="fashion-mnist (Debian's dataset-fashion-mnist) or digits.")
+    ] = "fashion-mnist",
+    ui: Annotated[
+        bool, typer.Option("--ui", help="Start the web UI on the demo store afterwards.")
+    ] = False,
+    port: Annotated[int, typer.Option(help="Port for --ui (on 127.0.0.1 only).")] = 8080,
+    limit: Annotated[
+        int | None,
+        typer.Option(min=50, help="Use only the first N test images (a quicker, smaller demo)."),
+    ] = None,
 ) -> None:
     """Run the main job on real images: log a test set once, evaluate three models on it,
     find and fix suspect labels, and show what it cost."""
@@ -595,12 +605,26 @@ def demo(
         raise typer.BadParameter("choose fashion-mnist or digits", param_hint="--dataset")
     if (dir / "tessera.json").exists():
         raise TesseraError(f"{dir} already holds a store; pass another --dir or delete it")
-    run_demo(dir, dataset, console=out)
+    if ui:
+        _check_port_free(port)  # before a minute of work, not after
+    run_demo(dir, dataset, limit=limit, console=out)
     if ui:
         from tessera.ui.views import serve_local  # started like `tessera ui`
 
         out.print(f"web UI: http://127.0.0.1:{port}/")
         serve_local(dir, port)
+
+
+def _check_port_free(port: int) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise typer.BadParameter(
+                f"port {port} on 127.0.0.1 is in use; pick another", param_hint="--port"
+            ) from None
 
 
 @app.command("migrate-store")

@@ -14,6 +14,7 @@ from tessera.errors import InvalidNameError, InvalidPathError
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _VERSION = re.compile(r"v(0|[1-9][0-9]*)")
 MAX_PATH_LENGTH = 1024
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
 def check_name(name: object, what: str) -> str:
@@ -39,9 +40,6 @@ def check_alias(alias: object) -> str:
     return alias
 
 
-_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
-
-
 def check_artifact_path(path: object) -> str:
     """Return ``path`` if it is a safe relative POSIX path inside an artifact.
 
@@ -58,7 +56,7 @@ def check_artifact_path(path: object) -> str:
         raise InvalidPathError(f"artifact path {path!r} is absolute; use a relative path")
     if "\\" in path:
         raise InvalidPathError(f"artifact path {path!r} contains a backslash; use '/'")
-    if _CONTROL_CHARACTER.search(path):
+    if _CONTROL.search(path):
         raise InvalidPathError(f"artifact path {path!r} contains a control character")
     for segment in path.split("/"):
         if segment in ("", ".", ".."):

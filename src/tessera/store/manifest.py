@@ -134,10 +134,16 @@ class Manifest:
 
 def canonical_json(value: Any) -> bytes:
     """UTF-8 JSON with sorted keys, no insignificant white space, and no NaN or infinity."""
-    _check_finite(value)
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    try:
+        text = json.dumps(
+            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
+    except ValueError:
+        # json refuses NaN and infinity already; walk the document (slow on a big manifest,
+        # so only now) to say which value it was.
+        _check_finite(value)
+        raise
+    return text.encode("utf-8")
 
 
 def _check_finite(value: Any) -> None:
