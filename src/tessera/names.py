@@ -13,6 +13,7 @@ from tessera.errors import InvalidNameError, InvalidPathError
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _VERSION = re.compile(r"v(0|[1-9][0-9]*)")
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 MAX_PATH_LENGTH = 1024
 
 
@@ -55,7 +56,7 @@ def check_artifact_path(path: object) -> str:
         raise InvalidPathError(f"artifact path {path!r} is absolute; use a relative path")
     if "\\" in path:
         raise InvalidPathError(f"artifact path {path!r} contains a backslash; use '/'")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in path):
+    if _CONTROL.search(path):
         raise InvalidPathError(f"artifact path {path!r} contains a control character")
     for segment in path.split("/"):
         if segment in ("", ".", ".."):

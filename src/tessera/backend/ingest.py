@@ -9,6 +9,7 @@ from pathlib import Path
 from tessera import progress
 from tessera.backend.base import Source
 from tessera.errors import NotFoundError
+from tessera.parallel import map_chunked
 from tessera.store.blobs import LocalWriteBatch
 from tessera.store.hashing import hash_bytes, hash_file
 from tessera.store.manifest import FileEntry
@@ -67,6 +68,6 @@ def digest_sources(
         progress.bar("storing files", total_bytes, bytes=True, show=show) as bar,
         ThreadPoolExecutor(_WORKERS) as pool,
     ):
-        entries = list(pool.map(digest_one, sources))
+        entries = map_chunked(pool, digest_one, sources)
     stat_cache.remember(remembered)
     return entries
