@@ -19,6 +19,7 @@ import pandas as pd
 
 from tessera.analysis import metrics as m
 from tessera.analysis.queries import connect, parquet_paths, sql_list
+from tessera.api.dataset import DatasetVersion
 from tessera.backend.base import Backend
 from tessera.config import open_backend
 from tessera.errors import NotFoundError, TesseraError
@@ -97,8 +98,7 @@ class Comparison:
         self.dataset = dataset
         self.every_version = len(self.versions) > 1 or ":" not in dataset
         latest = self.versions[-1]
-        latest_manifest = backend.read_manifest(latest.digest)
-        self.classes: list[str] | None = latest_manifest.metadata.get("classes")
+        self.classes: list[str] | None = DatasetVersion(backend, latest).classes
         self._con = connect(backend)
         self.runs = _select_runs(backend, self._con, self.versions, predictions, runs, dataset)
         self._build()
@@ -110,7 +110,7 @@ class Comparison:
         backend = self._backend
         parts = []
         for number, version in enumerate(self.versions):
-            (path,) = parquet_paths(backend, backend.read_manifest(version.digest))
+            path = backend.duckdb_source(DatasetVersion(backend, version).samples_digest)
             parts.append(
                 f"SELECT id, label, image, {number} AS vnum FROM read_parquet({sql_list([path])})"
             )
