@@ -316,7 +316,14 @@ class Comparison:
 
     def table(self, where: str | None = None, params: list[Any] | None = None) -> pd.DataFrame:
         """One row per common sample: id, label, and per run ``<run>/pred``, ``<run>/correct``,
-        ``<run>/score`` (score of the true class, where scores exist)."""
+        ``<run>/score`` (score of the true class, where scores exist).
+
+        ``where`` keeps only some samples, filtered in DuckDB before any row reaches pandas: a
+        query returning ``sid`` values over the tables ``p`` (one row per run and sample:
+        ``run``, ``sid``, ``label``, ``pred``, ``score``, ``p_true``, ``conf``, ``correct``)
+        and ``labels`` (``sid``, ``id``, ``label``), with ``?`` placeholders bound from
+        ``params``; e.g. ``table("SELECT sid FROM p WHERE NOT correct AND conf > ?", [0.9])``.
+        """
         columns = ["l.id", "any_value(p.label) AS label"]
         if self.every_version:
             columns.append("any_value(l.changed) AS image_changed")
