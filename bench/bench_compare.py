@@ -105,6 +105,7 @@ import io, os, time, numpy as np
 from PIL import Image
 n = ARGS["samples"]
 rng = np.random.default_rng(ARGS["seed"])
+rng.integers(0, ARGS["classes"], n)  # the labels: the same draws as the setup, same images
 images = rng.integers(0, 256, (n, 8, 8), dtype=np.uint8)
 images[:, 0, 0] = np.arange(n) % 256
 images[:, 0, 1] = (np.arange(n) // 256) % 256
@@ -378,7 +379,10 @@ def _local(workdir: Path, quick: bool) -> list[dict[str, Any]]:
     log("compare: floor — the same PNG bytes written to one file each")
     floor_dir = workdir / "floor"
     floor_dir.mkdir(parents=True)
-    floor = run_python(FLOOR_CHILD, {"samples": size.samples, "seed": 7, "dir": str(floor_dir)})
+    floor = run_python(
+        FLOOR_CHILD,
+        {"samples": size.samples, "seed": 7, "classes": CLASSES, "dir": str(floor_dir)},
+    )
     shutil.rmtree(floor_dir)
     f = floor.output
     log_dataset = next(r for r in rows if r["name"] == "compare.log_dataset")
@@ -401,16 +405,19 @@ def _services() -> Any:
 
 
 def _s3(workdir: Path, quick: bool) -> list[dict[str, Any]]:
+    import pytest  # tests/services.py reports a missing server with pytest.fail
+
     size = S3_QUICK if quick else S3_FULL
+    unavailable = (Exception, pytest.fail.Exception)
     try:
         services = _services()
         postgres = services.Postgres(workdir / "pg")
-    except BaseException as e:  # pytest.fail raises a BaseException subclass
+    except unavailable as e:
         return [_skipped(f"PostgreSQL unavailable: {e}")]
     try:
         try:
             seaweed = services.SeaweedFS(workdir / "weed")
-        except BaseException as e:
+        except unavailable as e:
             return [_skipped(f"SeaweedFS unavailable: {e}")]
         try:
             env = _env(

@@ -30,6 +30,9 @@ from tessera.errors import DigestMismatchError, StoreCorruptError, StoreFormatEr
 from tessera.store.blobs import BlobInfo, LocalBlobStore
 from tessera.store.hashing import CHUNK_SIZE, check_digest, hash_bytes, is_digest, new_hasher
 
+# Blobs up to this size are PUT conditionally without asking first whether they exist.
+_PUT_WITHOUT_HEAD = 64 * 1024
+
 
 def parse_s3_url(url: str) -> tuple[str, str]:
     parsed = urllib.parse.urlparse(url)
@@ -226,7 +229,14 @@ class S3WriteBatch:
         actual = hash_bytes(data)
         if digest is not None and digest != actual:
             raise DigestMismatchError(f"bytes announced as {digest} hash to {actual}")
-        if not self.reuse(actual):
+        if len(data) <= _PUT_WITHOUT_HEAD:
+            # A conditional PUT (mode="create") of a few kilobytes costs what a HEAD costs, and
+            # already leaves an existing object alone: one request per small blob, not two.
+            with self._lock:
+                done = actual in self._done
+            if not done:
+                self._put(actual, io.BytesIO(bytes(data)))
+        elif not self.reuse(actual):
             self._put(actual, io.BytesIO(bytes(data)))
         return actual
 
