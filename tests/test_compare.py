@@ -139,6 +139,14 @@ def test_disagreements_regressions_and_improvements(pets):
         assert disagree["id"].tolist() == ids_where((base != new) | (new != extra))
         assert list(disagree.columns) == list(c.table().columns)
 
+        # table(where=...) filters in DuckDB: the same rows as filtering the whole table.
+        whole = c.table()
+        base_wrong = whole[whole["base/correct"] == False]  # noqa: E712 - a pandas mask
+        filtered = c.table("SELECT sid FROM p WHERE run = ? AND NOT correct", [0])
+        assert filtered["id"].tolist() == base_wrong["id"].tolist() == ids_where(base != LABELS)
+        assert filtered.equals(base_wrong.reset_index(drop=True))
+        assert c.table("SELECT sid FROM p WHERE false").empty
+
         regressions = c.regressions("base", "new")
         expected = ids_where((base == LABELS) & (new != LABELS))
         assert sorted(regressions["id"]) == expected

@@ -373,6 +373,48 @@ def test_images_by_id_and_pandas(seed, seed_dsv):
             method("nope")
 
 
+def test_metadata_and_rows_without_building_the_manifest(seed):
+    """A dataset version answers classes, its sample table and id lookups from the manifest's
+    metadata and one entry, never building an object per image."""
+    images = seed.images
+    with tessera.open_store(seed.store) as store:
+        dsv = store.artifact(SEED_SPEC)
+        assert dsv.classes == CLASSES
+        assert dsv.num_samples == len(images.ids)
+        rows = dsv.rows_of([images.ids[3], "nope", images.ids[0]])
+        assert rows.tolist() == [3, -1, 0]
+        digest = dsv.samples_digest
+        assert dsv._manifest is None  # only peeked at
+        assert dsv.manifest.files["samples.parquet"].digest == digest
+        assert dsv.metadata == dsv.manifest.metadata
+
+
+def test_peeking_at_canonical_manifest_bytes():
+    """peek_metadata and peek_entry agree with a full parse, even when metadata nests keys
+    named "metadata" and an image path ends like the sample table's; bad bytes are refused."""
+    from tessera.errors import StoreCorruptError, StoreFormatError
+    from tessera.store.manifest import FileEntry, Manifest, peek_entry, peek_metadata
+
+    entries = [
+        FileEntry("samples.parquet", "a" * 64, 10),
+        FileEntry("images/samples.parquet", "b" * 64, 4, {"format": "PNG", "width": 2}),
+    ]
+    for metadata in ({}, {"kind": "dataset", "metadata": {"metadata": {"x": [1, "}"]}}}):
+        manifest = Manifest.build(entries, metadata)
+        data, digest = manifest.to_bytes(), manifest.digest()
+        assert peek_metadata(data, digest) == Manifest.from_bytes(data, digest).metadata
+        for path, entry in manifest.files.items():
+            assert peek_entry(data, path, digest) == entry
+        assert peek_entry(data, "images", digest) is None
+        with pytest.raises(StoreCorruptError, match="does not hash to its name"):
+            peek_metadata(data + b" ", digest)
+    newer = Manifest.build(entries).to_bytes().replace(b'"format":1', b'"format":9')
+    with pytest.raises(StoreFormatError, match="format 9"):
+        peek_metadata(newer)
+    with pytest.raises(StoreCorruptError):
+        peek_metadata(b"[1, 2]")
+
+
 def test_batches_cover_every_sample_once(seed, seed_dsv):
     images = seed.images
     dsv = seed_dsv

@@ -13,8 +13,8 @@ from tessera.errors import InvalidNameError, InvalidPathError
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _VERSION = re.compile(r"v(0|[1-9][0-9]*)")
-MAX_PATH_LENGTH = 1024
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
+MAX_PATH_LENGTH = 1024
 
 
 def check_name(name: object, what: str) -> str:

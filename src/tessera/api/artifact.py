@@ -22,7 +22,7 @@ from tessera.jsonvalues import to_json
 from tessera.names import check_artifact_path, check_name
 from tessera.store.catalog import RunRecord, VersionRecord
 from tessera.store.hashing import CHUNK_SIZE, hash_file, new_hasher
-from tessera.store.manifest import FileEntry, Manifest
+from tessera.store.manifest import FileEntry, Manifest, peek_entry, peek_metadata
 
 if TYPE_CHECKING:
     from tessera.api.run import Run
@@ -154,6 +154,7 @@ class ArtifactVersion:
         self._backend = backend
         self._record = record
         self._manifest = manifest
+        self._metadata: dict[str, Any] | None = None
         self._run = run
 
     def __repr__(self) -> str:
@@ -229,13 +230,26 @@ class ArtifactVersion:
 
     @property
     def metadata(self) -> dict[str, Any]:
-        return self.manifest.metadata
+        if self._manifest is not None:
+            return self._manifest.metadata
+        if self._metadata is None:
+            # Without building the whole manifest: a dataset's has an entry per image.
+            self._metadata = peek_metadata(self._manifest_bytes(), self.digest)
+        return self._metadata
+
+    def _manifest_bytes(self) -> bytes:
+        with self._backend.open_blob(self.digest) as f:
+            return f.read()
 
     def files(self) -> list[FileEntry]:
         """Every file, sorted by path."""
         return list(self.manifest.files.values())
 
     def entry(self, path: str) -> FileEntry:
+        if self._manifest is None:
+            found = peek_entry(self._manifest_bytes(), path, self.digest)
+            if found is not None:
+                return found
         try:
             return self.manifest.files[path]
         except KeyError:

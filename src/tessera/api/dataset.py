@@ -35,6 +35,7 @@ from tessera.media import (
     probe_file,
 )
 from tessera.names import check_artifact_path, check_name
+from tessera.parallel import map_chunked
 from tessera.store.hashing import hash_bytes
 from tessera.store.manifest import Manifest
 
@@ -271,7 +272,7 @@ def store_dataset(backend: Backend, project: str, ds: Dataset) -> Manifest:
         ), sample.image.digest()
 
     with ThreadPoolExecutor(_DECODE_WORKERS) as pool:
-        prepared = list(pool.map(prepare, ds._samples))
+        prepared = map_chunked(pool, prepare, ds._samples)
     sources = _unique_paths([p[0] for p in prepared])
     entries = backend.upload(project, sources)
 
@@ -408,8 +409,13 @@ class DatasetVersion(ArtifactVersion):
     def num_samples(self) -> int:
         return int(self.metadata.get("num_samples", 0))
 
+    @cached_property
+    def samples_digest(self) -> str:
+        """The digest of the Parquet sample table."""
+        return self.entry(self.metadata.get("samples", SAMPLES_FILE)).digest
+
     def _samples_source(self) -> Any:
-        digest = self.entry(self.metadata.get("samples", SAMPLES_FILE)).digest
+        digest = self.samples_digest
         path = self._backend.blob_path(digest)
         if path is not None:
             return str(path)
@@ -437,16 +443,25 @@ class DatasetVersion(ArtifactVersion):
         return self._id_table.column("id").to_pylist()
 
     @cached_property
-    def _row_of(self) -> dict[str, int]:
-        return {sid: i for i, sid in enumerate(self.ids)}
+    def _id_index(self) -> pd.Index:
+        """Sample ids to rows, hashed once: ``rows_of`` looks up a whole batch in one call
+        (a dict of a million ids cost seconds to build and several hundred megabytes)."""
+        import pandas as pd
+
+        ids = self.table(["id"]).column("id").to_numpy(zero_copy_only=False)
+        return pd.Index(ids, dtype=object, copy=False)
+
+    def rows_of(self, ids: Sequence[str]) -> np.ndarray:
+        """The rows of these sample ids in the sample table, -1 for ids it does not have."""
+        return self._id_index.get_indexer(ids)
 
     def row(self, id: object) -> int:
         """The row of a sample id in the sample table."""
         sid = sample_id(id)
-        try:
-            return self._row_of[sid]
-        except KeyError:
-            raise NotFoundError(f"no sample {sid!r} in {self.spec}") from None
+        (row,) = self.rows_of([sid])
+        if row < 0:
+            raise NotFoundError(f"no sample {sid!r} in {self.spec}")
+        return int(row)
 
     def image_digest(self, id: object) -> str:
         return self._id_table.column("image")[self.row(id)].as_py()

@@ -90,8 +90,7 @@ class PredictionWriter:
         self._dataset = dataset
         self.name = check_name(name, "table")
         self._classes = dataset.classes
-        self._row_of = dataset._row_of
-        self._seen = np.zeros(len(self._row_of), dtype=bool)
+        self._seen = np.zeros(len(dataset._id_index), dtype=bool)
         self._schema: pa.Schema | None = None
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
@@ -154,9 +153,7 @@ class PredictionWriter:
             self._flush(ROW_GROUP_ROWS)
 
     def _check_ids(self, sample_ids: list[str]) -> np.ndarray:
-        row_of = self._row_of
-        rows = [row_of.get(s, -1) for s in sample_ids]
-        array = np.fromiter(rows, dtype=np.int64, count=len(rows))
+        array = self._dataset.rows_of(sample_ids).astype(np.int64, copy=False)
         unknown = np.flatnonzero(array < 0)
         if unknown.size:
             first = ", ".join(repr(sample_ids[i]) for i in unknown[:5])
@@ -164,9 +161,11 @@ class PredictionWriter:
                 f"{unknown.size} ids are not in {self._dataset.spec} (first: {first}); predictions "
                 "must be made on samples of the dataset version they are logged against"
             )
-        unique, counts = np.unique(array, return_counts=True)
-        if unique.size != array.size:
-            dupes = [self._dataset.ids[r] for r in unique[counts > 1][:5]]
+        order = np.sort(array)
+        repeated = order[1:][order[1:] == order[:-1]]
+        if repeated.size:
+            found = np.flatnonzero(np.isin(array, repeated))
+            dupes = list(dict.fromkeys(sample_ids[i] for i in found))[:5]
             raise PredictionError(f"duplicate ids in this batch: {', '.join(map(repr, dupes))}")
         again = np.flatnonzero(self._seen[array])
         if again.size:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,10 @@ from tessera.names import check_artifact_path
 from tessera.store.hashing import ALGORITHM, check_digest, hash_bytes
 
 MANIFEST_FORMAT = 1
+# The canonical document ends ``"format":N,"hash":"…"`` then, when there is metadata,
+# ``,"metadata":{…}}``: keys are sorted, so these are always its last members.
+_TAIL = re.compile(rb',"format":(-?[0-9]+),"hash":("(?:[^"\\]|\\.)*")$')
+_METADATA_KEY = b',"metadata":'
 
 
 @dataclass(frozen=True)
@@ -72,11 +77,7 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, data: bytes, digest: str | None = None) -> Manifest:
-        if digest is not None and hash_bytes(data) != digest:
-            raise StoreCorruptError(
-                f"manifest {digest} does not hash to its name; the store is damaged — "
-                "run `tessera verify`"
-            )
+        _check_bytes(data, digest)
         try:
             doc = json.loads(data)
         except ValueError as e:
@@ -130,6 +131,88 @@ class Manifest:
                         f"{'/'.join(parts[:i])!r} is both a file and a folder in this artifact"
                     )
         return cls(files=files, metadata=dict(metadata or {}))
+
+
+def peek_metadata(data: bytes, digest: str | None = None) -> dict[str, Any]:
+    """The metadata of canonical manifest bytes, without building an entry per file.
+
+    A million-sample dataset's manifest has a million entries; turning them into objects takes
+    seconds and more than a gigabyte, while a predictions writer needs only the classes and the
+    sample table. Canonical JSON sorts keys, so ``metadata`` is the document's last member: the
+    one ``,"metadata":`` whose value ends exactly one byte before the document does (a key of
+    that name nested inside the metadata would be followed by at least two closing braces).
+    """
+    _check_bytes(data, digest)
+    decoder = json.JSONDecoder()
+    end = len(data) - 1
+    if data.endswith(b"}"):
+        position = data.rfind(_METADATA_KEY)
+        while position >= 0:
+            start = position + len(_METADATA_KEY)
+            text = data[start:end].decode("utf-8", "replace")
+            try:
+                value, stop = decoder.raw_decode(text)
+            except ValueError:
+                value, stop = None, -1
+            if isinstance(value, dict) and stop == len(text):
+                _check_tail(data[:position], digest)
+                return value
+            position = data.rfind(_METADATA_KEY, 0, position)
+        _check_tail(data[:end], digest)  # a manifest without metadata
+        return {}
+    raise StoreCorruptError(f"manifest {digest} is not a JSON object")
+
+
+def peek_entry(data: bytes, path: str, digest: str | None = None) -> FileEntry | None:
+    """One file's entry from canonical manifest bytes (None if absent), found by its key.
+
+    Entries are the members of ``files``, the first key of the document, each preceded by
+    ``{"files":{`` (the first) or by the closing brace of the entry before it.
+    """
+    _check_bytes(data, digest)
+    key = json.dumps(path, ensure_ascii=False).encode("utf-8") + b':{"digest":'
+    decoder = json.JSONDecoder()
+    position = data.find(key)
+    while position >= 0:
+        before = data[max(0, position - 10) : position]
+        if before == b'{"files":{' or before.endswith(b"},"):
+            start = position + len(key) - len(b'{"digest":')
+            tail = data[start : start + 65536].decode("utf-8", "ignore")
+            try:
+                value, _stop = decoder.raw_decode(tail)
+                entry = FileEntry(
+                    path, value["digest"], value["size"], value.get("media"), value.get("ref")
+                )
+                check_digest(entry.digest)
+            except (ValueError, KeyError, TypeError, TesseraError) as e:
+                raise StoreCorruptError(f"manifest {digest} is malformed at {path!r}: {e}") from None
+            return entry
+        position = data.find(key, position + 1)
+    return None
+
+
+def _check_bytes(data: bytes, digest: str | None) -> None:
+    if digest is not None and hash_bytes(data) != digest:
+        raise StoreCorruptError(
+            f"manifest {digest} does not hash to its name; the store is damaged — "
+            "run `tessera verify`"
+        )
+
+
+def _check_tail(head: bytes, digest: str | None) -> None:
+    match = _TAIL.search(head[-300:])
+    if match is None:
+        raise StoreCorruptError(f"manifest {digest} is not a canonical manifest")
+    fmt, algorithm = int(match.group(1)), json.loads(match.group(2))
+    if fmt > MANIFEST_FORMAT or fmt < 1:
+        raise StoreFormatError(
+            f"manifest {digest} has format {fmt!r}; this Tessera reads format "
+            f"{MANIFEST_FORMAT} — upgrade Tessera"
+        )
+    if algorithm != ALGORITHM:
+        raise StoreFormatError(
+            f"manifest {digest} uses hash {algorithm!r}; this Tessera knows {ALGORITHM}"
+        )
 
 
 def canonical_json(value: Any) -> bytes:

@@ -30,6 +30,9 @@ from tessera.errors import DigestMismatchError, StoreCorruptError, StoreFormatEr
 from tessera.store.blobs import BlobInfo, LocalBlobStore
 from tessera.store.hashing import CHUNK_SIZE, check_digest, hash_bytes, is_digest, new_hasher
 
+# Blobs up to this size are PUT conditionally without asking first whether they exist.
+_PUT_WITHOUT_HEAD = 64 * 1024
+
 
 def parse_s3_url(url: str) -> tuple[str, str]:
     parsed = urllib.parse.urlparse(url)
@@ -80,16 +83,17 @@ class S3BlobStore:
         return f"blobs/{digest[:2]}/{digest[2:4]}/{digest}"
 
     def duckdb_path(self, digest: str) -> str:
-        """The URL DuckDB reads this blob at (through the registered obstore filesystem)."""
-        prefix = f"{self.prefix}/" if self.prefix else ""
-        return f"s3://{self.bucket}/{prefix}{self.key(digest)}"
+        """Where DuckDB reads this blob: its verified copy in the local cache (downloaded once).
+
+        Not the bucket through obstore's fsspec filesystem: DuckDB's reads of Parquet files
+        larger than about 2 MiB through it came back short ("Failed to read 995328 bytes from
+        Python file at offset 2097152: only 0 bytes returned", obstore 0.12.1, one DuckDB
+        thread or many), and a query scans whole tables anyway. The HTTP backend does the same.
+        """
+        return str(self.local_path(digest))
 
     def register_duckdb(self, con: Any) -> None:
-        from obstore.fsspec import FsspecStore
-
-        con.register_filesystem(
-            FsspecStore("s3", config=_config() or None, client_options=_client_options() or None)
-        )
+        """Blobs are read from the local cache: nothing to register."""
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -226,7 +230,14 @@ class S3WriteBatch:
         actual = hash_bytes(data)
         if digest is not None and digest != actual:
             raise DigestMismatchError(f"bytes announced as {digest} hash to {actual}")
-        if not self.reuse(actual):
+        if len(data) <= _PUT_WITHOUT_HEAD:
+            # A conditional PUT (mode="create") of a few kilobytes costs what a HEAD costs, and
+            # already leaves an existing object alone: one request per small blob, not two.
+            with self._lock:
+                done = actual in self._done
+            if not done:
+                self._put(actual, io.BytesIO(bytes(data)))
+        elif not self.reuse(actual):
             self._put(actual, io.BytesIO(bytes(data)))
         return actual
 
