@@ -95,7 +95,8 @@ class LocalBlobStore:
 
     def path_of(self, digest: str) -> Path:
         check_digest(digest)
-        return self.blob_dir / digest[:2] / digest[2:4] / digest
+        # One Path built from a string: three ``/`` joins cost more than the file operation.
+        return Path(f"{self.blob_dir}/{digest[:2]}/{digest[2:4]}/{digest}")
 
     def local_path(self, digest: str) -> Path:
         return self.path_of(digest)
@@ -221,7 +222,7 @@ class LocalBlobStore:
             self._made_dirs.add(directory)
 
     def _new_temp(self) -> tuple[int, Path]:
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._ensure_dir(self.tmp_dir)
         path = self.tmp_dir / f"{secrets.token_hex(12)}.tmp"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         return fd, path

@@ -72,13 +72,13 @@ def hash_stream(chunks: Iterable[bytes]) -> tuple[str, int]:
     return hasher.hexdigest(), size
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
 def is_digest(value: object) -> bool:
     """True if ``value`` looks like a digest this store names blobs by."""
-    return (
-        isinstance(value, str)
-        and len(value) == DIGEST_HEX_LENGTH
-        and all(c in "0123456789abcdef" for c in value)
-    )
+    # A set test, not a per-character generator: this runs several times per blob stored.
+    return isinstance(value, str) and len(value) == DIGEST_HEX_LENGTH and _HEX.issuperset(value)
 
 
 def check_digest(value: object) -> str:
