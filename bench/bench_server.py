@@ -14,9 +14,14 @@
 (d) ``tessera pull`` of each project into an empty local store, against plain httpx GETs of the
     same files from the trivial app (same connection count as ``HttpBackend.fetch``).
 
-Every push and pull runs in a fresh child interpreter; its time is measured inside the child from
-opening the stores to the end of ``sync`` (interpreter start-up and imports excluded). Floors are
-measured before and after the first push (interleaved), and the best one is the reference.
+Every push and pull runs in a fresh child interpreter (as the server's first admin); its time is
+measured inside the child from opening the stores to the end of ``sync`` (interpreter start-up and
+imports excluded). Floors are measured before and after the first push (interleaved), and the best
+one is the reference. The floor is strict for small files: it writes one file per 16 MiB body and
+syncs nothing, where the server must create one durable file per blob (the store format), so its
+per-file cost is all Tessera's; the per-file floor shows that cost on the plain side. Each figure's
+``extra`` also holds the CPU seconds of both ends (client child from ``wait4``, server from
+``/proc``): on a busy machine they say more than wall times.
 Set ``TESSERA_BENCH_PROFILE=DIR`` to get a cProfile dump of every push/pull child in DIR.
 """
 

@@ -146,7 +146,11 @@ def best_of(
 CHILD_PRELUDE = r'''
 import json as _json, sys as _sys, time as _time
 _T0 = _time.perf_counter()
-ARGS = _json.loads(_sys.argv[1])
+_ARG = _sys.argv[1]
+if _ARG.startswith("@"):  # large arguments travel in a file (see run_python)
+    with open(_ARG[1:]) as _f:
+        _ARG = _f.read()
+ARGS = _json.loads(_ARG)
 
 def peak_rss_mib():
     """VmHWM: the high-water mark of this process's own address space (fresh since exec)."""
@@ -263,11 +267,17 @@ def run_python(
     if env:
         child_env.update(env)
     parent_rss = rss_mib()
-    done = run_command(
-        [sys.executable, "-c", CHILD_PRELUDE + code, json.dumps(args)],
-        env=child_env,
-        timeout=timeout,
-    )
+    encoded = json.dumps(args)
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as spill:
+        if len(encoded) > 64 * KiB:  # one argv string may hold at most 128 KiB on Linux
+            spill.write(encoded)
+            spill.flush()
+            encoded = "@" + spill.name
+        done = run_command(
+            [sys.executable, "-c", CHILD_PRELUDE + code, encoded],
+            env=child_env,
+            timeout=timeout,
+        )
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     if not lines:
         raise RuntimeError(f"benchmark child printed nothing:\n{done.stderr[-4000:]}")
