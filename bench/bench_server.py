@@ -197,6 +197,7 @@ _t = _time.perf_counter
 from tessera.backend.http import HttpBackend
 from tessera.backend.local import LocalBackend
 from tessera.sync import sync
+import httpcore  # noqa: F401 - httpx imports it (and trio) on its first client: an import too
 profile_dir = os.environ.get("TESSERA_BENCH_PROFILE")
 if profile_dir:
     import cProfile
