@@ -16,14 +16,10 @@ Set ``TESSERA_BENCH_PROFILE=DIR`` to get a cProfile dump of every ingest child i
 from __future__ import annotations
 
 import os
-import random
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import blake3
 
 from benchlib import (
     KiB,
@@ -32,6 +28,8 @@ from benchlib import (
     div,
     flush_dirty_pages,
     log,
+    make_big_files,
+    make_small_files,
     remove,
     result,
     run_command,
@@ -159,41 +157,6 @@ def _blobs(store: Path) -> int:
 # -- data --------------------------------------------------------------------------------------
 
 
-def _make_small(root: Path, sizes: Sizes) -> tuple[int, int]:
-    """``small_files`` files of random bytes in 10 class folders; returns (files, bytes)."""
-    rng = random.Random(20240501)
-    total = 0
-    for i in range(sizes.small_files):
-        folder = root / f"class_{i % 10}"
-        if i < 10:
-            folder.mkdir(parents=True, exist_ok=True)
-        size = rng.randint(sizes.small_min, sizes.small_max)
-        (folder / f"{i:05d}.bin").write_bytes(os.urandom(size))
-        total += size
-    return sizes.small_files, total
-
-
-def _make_big_one(path: Path, size: int, seed: int) -> None:
-    # BLAKE3's extendable output is a fast keystream: incompressible, distinct per seed.
-    stream = blake3.blake3(f"tessera-bench-{seed}".encode())
-    piece = 16 * MiB
-    with open(path, "wb") as f:
-        for offset in range(0, size, piece):
-            f.write(stream.digest(length=min(piece, size - offset), seek=offset))
-
-
-def _make_big(root: Path, sizes: Sizes) -> tuple[int, int]:
-    root.mkdir(parents=True, exist_ok=True)
-    with ThreadPoolExecutor(2) as pool:
-        list(
-            pool.map(
-                lambda i: _make_big_one(root / f"part-{i}.bin", sizes.big_size, i),
-                range(sizes.big_files),
-            )
-        )
-    return sizes.big_files, sizes.big_files * sizes.big_size
-
-
 # -- one interleaved measurement: cp -r, cp -r + sync, and Tessera's first ingest ---------------
 
 
@@ -258,8 +221,10 @@ def run(workdir: Path, quick: bool) -> list[dict[str, Any]]:
         f"store: generating {sizes.small_files} small files and "
         f"{sizes.big_files} x {sizes.big_size // MiB} MiB"
     )
-    n_small, small_bytes = _make_small(small_src, sizes)
-    n_big, big_bytes = _make_big(big_src, sizes)
+    n_small, small_bytes = make_small_files(
+        small_src, sizes.small_files, sizes.small_min, sizes.small_max
+    )
+    n_big, big_bytes = make_big_files(big_src, sizes.big_files, sizes.big_size)
     set_mtime_past(data, 2.0)
     flush_dirty_pages()
 

@@ -69,6 +69,34 @@ def result(
     }
 
 
+def throughput_result(
+    name: str,
+    value: float,
+    unit: str,
+    *,
+    floor: float,
+    floor_name: str,
+    share: float,
+    notes: str,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A throughput judged against its floor: passes when ``value >= share * floor``."""
+    ratio = div(value, floor)
+    return result(
+        name,
+        value,
+        unit,
+        reference=floor,
+        reference_name=floor_name,
+        ratio=ratio,
+        ratio_meaning="throughput / floor throughput",
+        target=f">= {share:.0%} of the floor",
+        passed=ratio is not None and ratio >= share,
+        notes=notes,
+        extra=extra,
+    )
+
+
 def div(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None
@@ -118,7 +146,11 @@ def best_of(
 CHILD_PRELUDE = r'''
 import json as _json, sys as _sys, time as _time
 _T0 = _time.perf_counter()
-ARGS = _json.loads(_sys.argv[1])
+_ARG = _sys.argv[1]
+if _ARG.startswith("@"):  # large arguments travel in a file (see run_python)
+    with open(_ARG[1:]) as _f:
+        _ARG = _f.read()
+ARGS = _json.loads(_ARG)
 
 def peak_rss_mib():
     """VmHWM: the high-water mark of this process's own address space (fresh since exec)."""
@@ -235,11 +267,17 @@ def run_python(
     if env:
         child_env.update(env)
     parent_rss = rss_mib()
-    done = run_command(
-        [sys.executable, "-c", CHILD_PRELUDE + code, json.dumps(args)],
-        env=child_env,
-        timeout=timeout,
-    )
+    encoded = json.dumps(args)
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as spill:
+        if len(encoded) > 64 * KiB:  # one argv string may hold at most 128 KiB on Linux
+            spill.write(encoded)
+            spill.flush()
+            encoded = "@" + spill.name
+        done = run_command(
+            [sys.executable, "-c", CHILD_PRELUDE + code, encoded],
+            env=child_env,
+            timeout=timeout,
+        )
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     if not lines:
         raise RuntimeError(f"benchmark child printed nothing:\n{done.stderr[-4000:]}")
@@ -316,3 +354,110 @@ def fs_info(path: Path) -> dict[str, Any]:
         "journal": journal,
         "free_gib": round(usage.free / 1024**3, 1),
     }
+
+
+# -- services ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class HttpService:
+    """A child process serving HTTP on 127.0.0.1, started and waited for (``ready_path`` must
+    answer 200), its output in ``log_path``; stop it with ``stop()`` (or use ``with``)."""
+
+    def __init__(
+        self,
+        argv: list[str],
+        port: int,
+        log_path: Path,
+        ready_path: str = "/",
+        env: dict[str, str] | None = None,
+        timeout: float = 60.0,
+    ):
+        import httpx
+
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        with open(log_path, "ab") as out:
+            self.process = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{argv[:3]} exited:\n{log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + ready_path, timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{argv[:3]} did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> HttpService:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# -- data --------------------------------------------------------------------------------------
+
+
+def make_small_files(root: Path, count: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """``count`` files of random (incompressible) bytes in 10 class folders; (files, bytes)."""
+    import random
+
+    rng = random.Random(20240501)
+    total = 0
+    for i in range(count):
+        folder = root / f"class_{i % 10}"
+        if i < 10:
+            folder.mkdir(parents=True, exist_ok=True)
+        size = rng.randint(min_size, max_size)
+        (folder / f"{i:05d}.bin").write_bytes(os.urandom(size))
+        total += size
+    return count, total
+
+
+def _make_big_file(path: Path, size: int, seed: int) -> None:
+    import blake3
+
+    # BLAKE3's extendable output is a fast keystream: incompressible, distinct per seed.
+    stream = blake3.blake3(f"tessera-bench-{seed}".encode())
+    piece = 16 * MiB
+    with open(path, "wb") as f:
+        for offset in range(0, size, piece):
+            f.write(stream.digest(length=min(piece, size - offset), seek=offset))
+
+
+def make_big_files(root: Path, count: int, size: int) -> tuple[int, int]:
+    """``count`` files ``root/part-<i>.bin`` of ``size`` incompressible bytes; (files, bytes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda i: _make_big_file(root / f"part-{i}.bin", size, i), range(count)))
+    return count, count * size

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tessera.backend.base import Backend
+from tessera.errors import AuthError, NotFoundError
+from tessera.store.catalog import VersionRecord
 
 
 @dataclass
@@ -38,9 +40,19 @@ def sync(src: Backend, dst: Backend, projects: list[str] | None = None) -> SyncR
         versions = sorted(
             (v for v in all_versions if v.project == project), key=lambda v: (v.created_at, v.id)
         )
+        there = _DestinationVersions(dst, project)
         for version in versions:
+            aliases = tuple(a for a in version.aliases if a != "latest")
+            same = there.find(version)
+            if same is not None and set(aliases) <= set(same.aliases):
+                # Already there, with every alias: committing again would change nothing, and
+                # asking for its blobs would cost a look-up per blob on the destination.
+                mapped[version.id] = same.id
+                report.versions += 1
+                continue
             manifest = src.read_manifest(version.digest)
             digests = sorted({version.digest, *manifest.stored_digests()})
+            src.fetch(digests)  # a remote source downloads in parallel, not blob by blob
             blobs, sent = dst.receive_blobs(project, digests, src.blob_path)
             report.blobs_sent += blobs
             report.bytes_sent += sent
@@ -52,7 +64,7 @@ def sync(src: Backend, dst: Backend, projects: list[str] | None = None) -> SyncR
                 manifest=manifest,
                 digest=version.digest,
                 run_id=version.run_id,
-                aliases=tuple(a for a in version.aliases if a != "latest"),
+                aliases=aliases,
             )
             mapped[version.id] = record.id
             report.versions += 1
@@ -72,3 +84,27 @@ def sync(src: Backend, dst: Backend, projects: list[str] | None = None) -> SyncR
                 if target is not None:
                     dst.record_use(run.id, target)
     return report
+
+
+class _DestinationVersions:
+    """The destination's versions of each artifact of one project, fetched once per artifact."""
+
+    def __init__(self, dst: Backend, project: str):
+        self.dst = dst
+        self.project = project
+        self.by_artifact: dict[str, dict[str, VersionRecord]] = {}
+
+    def find(self, version: VersionRecord) -> VersionRecord | None:
+        """The destination's version with the same content, type and description, if any."""
+        if version.artifact not in self.by_artifact:
+            try:
+                found = self.dst.versions(self.project, version.artifact)
+            except (NotFoundError, AuthError):  # a new project or artifact there
+                found = []
+            self.by_artifact[version.artifact] = {v.digest: v for v in found}
+        same = self.by_artifact[version.artifact].get(version.digest)
+        if same is None or same.type != version.type:
+            return None
+        if version.description is not None and version.description != same.description:
+            return None
+        return same

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,11 +26,19 @@ from tessera.store.catalog import (
 )
 from tessera.store.manifest import FileEntry, Manifest
 
+# How long blobs an upload created are trusted to be there without asking: far below gc's
+# grace period (1 hour by default), far above the time from an upload to its commit.
+FRESH_SECONDS = 300.0
+
 
 class LocalBackend:
     def __init__(self, store: Store):
         self.store = store
         self.catalog = store.catalog
+        # Blobs this thread's uploads created since its last commit: the commit need not ask
+        # the blob store about them again (one request per blob on S3). Per thread, because a
+        # server shares one backend between requests.
+        self._fresh = threading.local()
 
     @classmethod
     def open(cls, dir: str | os.PathLike[str] | None = None, create: bool = False) -> LocalBackend:
@@ -100,7 +109,16 @@ class LocalBackend:
         complete.
         """
         with self.store.blobs.batch() as batch:
-            return digest_sources(sources, self.store.stat_cache, batch)
+            entries = digest_sources(sources, self.store.stat_cache, batch)
+        self._fresh.digests = self._fresh_digests() | batch.new_digests
+        self._fresh.at = time.monotonic()
+        return entries
+
+    def _fresh_digests(self) -> set[str]:
+        """What this thread's uploads created since its last commit, if that was recent."""
+        if time.monotonic() - getattr(self._fresh, "at", -FRESH_SECONDS) >= FRESH_SECONDS:
+            return set()
+        return getattr(self._fresh, "digests", set())
 
     def receive_blobs(
         self, project: str, digests: list[str], source: Callable[[str], Path]
@@ -135,7 +153,11 @@ class LocalBackend:
     ) -> tuple[VersionRecord, bool]:
         """Record a version whose blobs are stored; the sample index and table row it needs
         are derived here from the stored manifest (see store/derived.py)."""
-        missing = self.store.blobs.missing({digest, *manifest.stored_digests()})
+        # Blobs just created by this thread are young, so gc leaves them alone (docs/decisions.md);
+        # every other one is checked, as it may be an old blob that gc is deleting.
+        fresh = self._fresh_digests()
+        self._fresh.digests = set()
+        missing = self.store.blobs.missing({digest, *manifest.stored_digests()} - fresh)
         if missing:
             raise MissingBlobsError(
                 f"cannot commit {project}/{name}: {len(missing)} blobs it names are not stored "

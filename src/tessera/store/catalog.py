@@ -999,14 +999,15 @@ class AuthCatalog:
         now = time.time()
         with self.catalog.write() as conn:
             project_id = self.catalog.ensure_project(conn, project)
-            for digest in sorted(set(digests)):
-                conn.execute(
-                    _insert_ignore(
-                        conn,
-                        t.blob_grants,
-                        {"project_id": project_id, "digest": digest, "created_at": now},
-                    )
-                )
+            rows = [
+                {"project_id": project_id, "digest": digest, "created_at": now}
+                for digest in sorted(set(digests))
+            ]
+            if rows:
+                # One executemany: a statement per digest made a pack of 800 small blobs
+                # spend longer in the catalog than in storing the bytes.
+                insert = _dialect_insert(conn)(t.blob_grants).on_conflict_do_nothing()
+                conn.execute(insert, rows)
 
     def usable_blobs(self, project: str, digests: set[str], readable: set[str]) -> set[str]:
         """The digests ``project`` may name without uploading them: uploaded to it before, or

@@ -11,7 +11,6 @@ come from the usual ``AWS_*`` variables (``AWS_ENDPOINT_URL``, ``AWS_REGION``,
 
 from __future__ import annotations
 
-import io
 import os
 import threading
 import urllib.parse
@@ -30,8 +29,7 @@ from tessera.errors import DigestMismatchError, StoreCorruptError, StoreFormatEr
 from tessera.store.blobs import BlobInfo, LocalBlobStore
 from tessera.store.hashing import CHUNK_SIZE, check_digest, hash_bytes, is_digest, new_hasher
 
-# Blobs up to this size are PUT conditionally without asking first whether they exist.
-_PUT_WITHOUT_HEAD = 64 * 1024
+ASK_FIRST_ABOVE = 1024 * 1024
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -205,7 +203,8 @@ class S3BlobStore:
 class S3WriteBatch:
     def __init__(self, store: S3BlobStore):
         self._store = store
-        self._done: set[str] = set()
+        self._done: set[str] = set()  # stored: created here, or found already there
+        self._created: set[str] = set()  # created by this batch (new objects: young for gc)
         self._lock = threading.Lock()
 
     def reuse(self, digest: str) -> bool:
@@ -221,24 +220,27 @@ class S3WriteBatch:
     def _put(self, digest: str, payload: Any) -> None:
         try:
             obstore.put(self._store.s3, self._store.key(digest), payload, mode="create")
+            created = True
         except AlreadyExistsError:
-            pass  # a concurrent writer stored the same bytes first
+            created = False  # stored already (maybe by a concurrent writer, same bytes)
         with self._lock:
             self._done.add(digest)
+            if created:
+                self._created.add(digest)
 
     def put_bytes(self, data: bytes | memoryview, digest: str | None = None) -> str:
         actual = hash_bytes(data)
         if digest is not None and digest != actual:
             raise DigestMismatchError(f"bytes announced as {digest} hash to {actual}")
-        if len(data) <= _PUT_WITHOUT_HEAD:
-            # A conditional PUT (mode="create") of a few kilobytes costs what a HEAD costs, and
-            # already leaves an existing object alone: one request per small blob, not two.
-            with self._lock:
-                done = actual in self._done
-            if not done:
-                self._put(actual, io.BytesIO(bytes(data)))
-        elif not self.reuse(actual):
-            self._put(actual, io.BytesIO(bytes(data)))
+        with self._lock:
+            if actual in self._done:
+                return actual
+        # A small blob is sent straight away: the conditional create is one request whether or
+        # not the bucket has it, where asking first (HEAD) made two for every new blob. Larger
+        # ones are asked about first, so that bytes already stored do not travel again.
+        if len(data) >= ASK_FIRST_ABOVE and self.reuse(actual):
+            return actual
+        self._put(actual, bytes(data))
         return actual
 
     def put_file(self, path: str | os.PathLike[str]) -> tuple[str, int]:
@@ -277,4 +279,6 @@ class S3WriteBatch:
 
     @property
     def new_digests(self) -> set[str]:
-        return set(self._done)
+        """The blobs this batch created (not those it found already stored)."""
+        with self._lock:
+            return set(self._created)
