@@ -273,6 +273,9 @@ class ThreadedServer:
 
 
 STORE_KINDS = ["local", "http", "postgres", "s3", "postgres+s3"]
+# The kinds most tests run on: PostgreSQL and S3 each alone add little to them together, and
+# the CI time budget is finite (every kind runs the core round trips).
+MAIN_KINDS = ["local", "http", "postgres+s3"]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -355,8 +358,9 @@ def _backend(
     monkeypatch: pytest.MonkeyPatch,
     request: pytest.FixtureRequest,
 ):
-    """Point the test's own tessera calls at a fresh store of the kind under test."""
-    if backend_kind == "local":
+    """Point the test's own tessera calls at a fresh store of the kind under test (but a test
+    that reads a store from ``shared_stores`` works in that store's environment instead)."""
+    if backend_kind == "local" or "shared_stores" in request.fixturenames:
         yield None
         return
     env = StoreEnv(backend_kind, tmp_path, request)
