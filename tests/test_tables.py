@@ -13,17 +13,18 @@ import torch
 from PIL import Image as PILImage
 
 import tessera
-from conftest import store_state
+from conftest import MAIN_KINDS, store_state, stored_blobs
 from test_datasets import (
     CLASSES,
     N_SEED,
     SEED_PROJECT,
     SEED_SPEC,
     added_kinds,
-    blob_sizes,
     copy_store,
     seed_store,
 )
+
+both = pytest.mark.both_backends(kinds=MAIN_KINDS)
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +42,7 @@ def model_outputs(n: int, round: int) -> tuple[np.ndarray, np.ndarray]:
 # -- the seed workflow ---------------------------------------------------------------------------
 
 
+@both
 @pytest.mark.parametrize("way", ["ids", "paths", "arrays"])
 def test_evaluation_rounds_add_no_image_bytes(tmp_path, seed, way):
     """Five rounds over 1,000 dataset images, logged by id, as Image(path) cells and as
@@ -55,7 +57,7 @@ def test_evaluation_rounds_add_no_image_bytes(tmp_path, seed, way):
         for round in range(5):
             order = [str(s) for s in np.random.default_rng(round).permutation(images.ids)]
             pred, scores = model_outputs(len(order), round)
-            before = blob_sizes(store)
+            before = stored_blobs(store)
             with warnings.catch_warnings():
                 warnings.simplefilter("error", tessera.UnmatchedImagesWarning)
                 if way == "ids":
@@ -70,7 +72,7 @@ def test_evaluation_rounds_add_no_image_bytes(tmp_path, seed, way):
                         table.add_data(cell, images.labels[sid], CLASSES[p])
                     run.log({"eval": table})
                     tv = run.tables()[-1]
-            after = blob_sizes(store)
+            after = stored_blobs(store)
 
             # storage: one Parquet file and the manifest; no image of any kind
             added = set(after) - set(before)
@@ -103,6 +105,7 @@ def test_evaluation_rounds_add_no_image_bytes(tmp_path, seed, way):
     assert added_kinds(store, []).count("jpeg") == N_SEED  # the originals, once
 
 
+@both
 def test_preprocessed_arrays_are_stored_as_new_media_once(tmp_path, seed):
     store = copy_store(seed, tmp_path / "store")
     images = seed.images
@@ -123,10 +126,10 @@ def test_preprocessed_arrays_are_stored_as_new_media_once(tmp_path, seed):
         return table
 
     with tessera.init(project=SEED_PROJECT, dir=store) as run:
-        before = blob_sizes(store)
+        before = stored_blobs(store)
         with pytest.warns(tessera.UnmatchedImagesWarning, match="300 images in table") as info:
             first = run.log_table("prep", round_table(0))
-        after = blob_sizes(store)
+        after = stored_blobs(store)
         assert added_kinds(store, before) == ["manifest", "parquet", *["png"] * len(ids)]
         media = sum(after[e.digest] for e in first.files() if e.path.startswith("media/"))
         assert media > 0 and f"({media:,} new bytes)" in str(info[0].message)
@@ -163,6 +166,7 @@ def _small_dataset(run: tessera.Run, n: int = 6) -> tuple[tessera.DatasetVersion
     return run.log_dataset(ds), arrays
 
 
+@both
 def test_tables_read_back(tmp_path):
     store = tmp_path / "store"
     with tessera.init(project="p", name="first", dir=store) as run:
@@ -230,13 +234,14 @@ def test_tables_read_back(tmp_path):
         assert [r.name for r in browser.lineage("p/small:v0")["used"]] == ["first"]
 
 
+@both
 def test_reencoded_file_resolves_to_its_sample_by_pixels(tmp_path):
     store = tmp_path / "store"
     with tessera.init(project="p", dir=store) as run:
         dsv, arrays = _small_dataset(run)
         path = tmp_path / "copy.bmp"  # the same pixels, other bytes than the stored PNG
         PILImage.fromarray(arrays[3]).save(path)
-        before = blob_sizes(store)
+        before = stored_blobs(store)
         with warnings.catch_warnings():
             warnings.simplefilter("error", tessera.UnmatchedImagesWarning)
             tv = run.log_table("t", tessera.Table(columns=["image"], data=[[tessera.Image(path)]]))
@@ -248,6 +253,7 @@ def test_reencoded_file_resolves_to_its_sample_by_pixels(tmp_path):
 # -- bad tables and images -----------------------------------------------------------------------
 
 
+@both
 def test_bad_images_and_tables_are_refused_and_store_unchanged(tmp_path):
     store = tmp_path / "store"
     corrupt = tmp_path / "broken.jpg"
