@@ -353,6 +353,7 @@ class StoreEnv:
 
 @pytest.fixture(autouse=True)
 def _backend(
+    _isolate: None,  # first: it clears every TESSERA_* variable
     backend_kind: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,

@@ -1,5 +1,6 @@
 """Artifacts and versions: logging, aliases, lineage, references, and every bad input."""
 
+import numpy as np
 import pytest
 
 import tessera
@@ -149,3 +150,23 @@ def test_bad_inputs_leave_the_store_unchanged(tmp_path, store_dir):
         with pytest.raises(NotFoundError, match="no longer exists"):
             run.log_artifact(art)
         assert store_state(store_dir) == before
+
+
+@both
+def test_versions_stay_readable_after_their_run_and_browser_end(store_dir):
+    """A version object outlives the run (or browser) it came from, on every kind of store:
+    logging predictions on a dataset version from a finished run used to fail over HTTP with
+    "the client has been closed"."""
+    dataset = tessera.Dataset("d", classes=["x", "y"])
+    dataset.add("a", np.zeros((2, 2), np.uint8), "x")
+    dataset.add("b", np.ones((2, 2), np.uint8), "y")
+    with tessera.init(project="p", name="maker", dir=store_dir) as run:
+        logged = run.log_dataset(dataset)
+    with tessera.open_store(store_dir) as store:
+        browsed = store.artifact("p/d:v0")
+    for version in (logged, browsed):
+        assert version.ids == ["a", "b"] and version.label("b") == 1
+        assert [r.name for r in version.lineage()["logged"]] == ["maker"]
+        with tessera.init(project="p", dir=store_dir) as run:
+            table = run.log_predictions(version, ["b", "a"], pred=[1, 0])
+        assert table.to_pandas()["pred"].tolist() == [1, 0]
