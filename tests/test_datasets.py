@@ -451,7 +451,7 @@ def test_batches_of_mixed_sizes_are_lists(tmp_path):
         assert all(isinstance(b.image, np.ndarray) and b.image.shape[0] == 1 for b in uniform)
 
 
-@main
+@pytest.mark.both_backends(kinds=["local", "http"])  # logs the 1,000 seed images afresh
 def test_browsing_returns_typed_versions(tmp_path, seed):
     store = copy_store(seed, tmp_path / "store")
     with tessera.init(project=SEED_PROJECT, dir=store) as run:
