@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,25 +39,56 @@ def make_files(root: Path, count: int, size: int = 1000, seed: int = 0) -> Path:
 
 
 def blob_files(store: Path) -> list[Path]:
-    """Every blob file on disk (what the store really holds)."""
+    """Every blob file of a store *folder* (the embedded layout only; tests about the store
+    under test use ``stored_blobs``)."""
     return [p for p in (store / "blobs").rglob("*") if p.is_file()]
+
+
+# The stores of the servers that the ``_backend`` fixture started, by URL: a test of the "http"
+# kind inspects the server's store, not its client's cache folder.
+_TESTED_SERVER_STORES: dict[str, Path] = {}
+
+
+@contextmanager
+def tested_store(store: Path) -> Iterator[Any]:
+    """The ``Store`` a test's ``tessera`` calls with ``dir=store`` write to: the folder's own
+    (with ``$TESSERA_CATALOG``/``$TESSERA_BLOBS`` as tessera resolves them), or, when
+    ``$TESSERA_SERVER`` is a server the ``_backend`` fixture started, that server's store."""
+    from tessera.store import Store
+
+    server_store = _TESTED_SERVER_STORES.get(os.environ.get("TESSERA_SERVER", ""))
+    opened = Store.open(server_store or store, local_only=server_store is not None)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def stored_blobs(store: Path) -> dict[str, int]:
+    """``{digest: size}`` of every blob the store under test holds (folder, bucket or server)."""
+    with tested_store(store) as opened:
+        return {info.digest: info.size for info in opened.blobs.list()}
+
+
+def read_blob(store: Path, digest: str) -> bytes:
+    with tested_store(store) as opened:
+        return opened.blobs.read(digest)
 
 
 def store_state(store: Path) -> dict[str, object]:
     """What a failed operation must leave unchanged: catalog rows (but run heartbeats and
-    summaries, which move on their own) and the set of blob files."""
-    import sqlite3
+    summaries, which move on their own) and the set of blobs, of the store under test."""
+    import sqlalchemy as sa
 
-    db = sqlite3.connect(store / "catalog.db")
-    try:
+    with tested_store(store) as opened, opened.catalog.engine.connect() as db:
         state: dict[str, object] = {
-            table: sorted(map(repr, db.execute(f"SELECT * FROM {table}").fetchall()))
+            table: sorted(map(repr, db.execute(sa.text(f"SELECT * FROM {table}")).fetchall()))
             for table in ("projects", "artifacts", "versions", "aliases", "lineage", "metrics")
         }
-        state["runs"] = sorted(db.execute("SELECT id, name, status, config FROM runs").fetchall())
-    finally:
-        db.close()
-    state["blobs"] = sorted(p.name for p in blob_files(store))
+        state["runs"] = sorted(
+            map(tuple, db.execute(sa.text("SELECT id, name, status, config FROM runs")))
+        )
+        state["blobs"] = sorted(info.digest for info in opened.blobs.list())
     return state
 
 
@@ -239,6 +273,9 @@ class ThreadedServer:
 
 
 STORE_KINDS = ["local", "http", "postgres", "s3", "postgres+s3"]
+# The kinds most tests run on: PostgreSQL and S3 each alone add little to them together, and
+# the CI time budget is finite (every kind runs the core round trips).
+MAIN_KINDS = ["local", "http", "postgres+s3"]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -280,28 +317,90 @@ def backend_kind() -> str:
     return "local"
 
 
+class StoreEnv:
+    """Where the ``tessera`` calls of a test go for one kind of store, as the ``TESSERA_*``
+    variables that say so: nothing (the folder given as ``dir``), a fresh threaded server
+    (``dir`` becomes its client's cache), a fresh PostgreSQL database, a fresh prefix of the
+    S3 bucket."""
+
+    def __init__(self, kind: str, root: Path, request: pytest.FixtureRequest):
+        self.kind = kind
+        self.env: dict[str, str] = {}
+        self.server: ThreadedServer | None = None
+        if "postgres" in kind:
+            self.env["TESSERA_CATALOG"] = request.getfixturevalue("postgres").new_database()
+        if "s3" in kind:
+            s3 = request.getfixturevalue("seaweedfs")
+            self.env.update(s3.env())
+            self.env["TESSERA_BLOBS"] = s3.new_prefix()
+        if kind == "http":
+            self.server = ThreadedServer(root / "server-store")
+            self.env["TESSERA_SERVER"] = self.server.url
+            self.env["TESSERA_TOKEN"] = self.server.admin_token
+            _TESTED_SERVER_STORES[self.server.url] = root / "server-store"
+
+    def activate(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        for key in ("TESSERA_SERVER", "TESSERA_TOKEN", "TESSERA_CATALOG", "TESSERA_BLOBS"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in self.env.items():
+            monkeypatch.setenv(key, value)
+
+    def close(self) -> None:
+        if self.server is not None:
+            _TESTED_SERVER_STORES.pop(self.server.url, None)
+            self.server.stop()
+
+
 @pytest.fixture(autouse=True)
 def _backend(
+    _isolate: None,  # first: it clears every TESSERA_* variable
     backend_kind: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     request: pytest.FixtureRequest,
 ):
-    """Point the test's own tessera calls at the kind of store under test, through the
-    environment: TESSERA_SERVER/TOKEN for a fresh threaded server (``dir`` becomes the local
-    cache), TESSERA_CATALOG for a fresh PostgreSQL database, TESSERA_BLOBS for a fresh prefix
-    of the S3 bucket."""
-    if "postgres" in backend_kind:
-        pg = request.getfixturevalue("postgres")
-        monkeypatch.setenv("TESSERA_CATALOG", pg.new_database())
-    if "s3" in backend_kind:
-        s3 = request.getfixturevalue("s3_env")
-        monkeypatch.setenv("TESSERA_BLOBS", s3.new_prefix())
-    if backend_kind != "http":
+    """Point the test's own tessera calls at a fresh store of the kind under test (but a test
+    that reads a store from ``shared_stores`` works in that store's environment instead)."""
+    if backend_kind == "local" or "shared_stores" in request.fixturenames:
         yield None
         return
-    server = ThreadedServer(tmp_path / "server-store")
-    monkeypatch.setenv("TESSERA_SERVER", server.url)
-    monkeypatch.setenv("TESSERA_TOKEN", server.admin_token)
-    yield server
-    server.stop()
+    env = StoreEnv(backend_kind, tmp_path, request)
+    env.activate(monkeypatch)
+    yield env.server
+    env.close()
+
+
+class SharedStores:
+    """Stores built once per session and kind, for tests that only read them: ``get(key,
+    kind, build)`` builds with ``build(folder)`` under a store environment of its own the
+    first time, and activates that environment (for the calling test) every time."""
+
+    def __init__(self, factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
+        self._factory = factory
+        self._request = request
+        self._built: dict[tuple[str, str], tuple[StoreEnv, Path, Any]] = {}
+
+    def get(
+        self, key: str, kind: str, build: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> tuple[Path, Any]:
+        if (key, kind) not in self._built:
+            root = self._factory.mktemp(f"{key}-{kind.replace('+', '-')}")
+            env = StoreEnv(kind, root, self._request)
+            with pytest.MonkeyPatch.context() as mp:
+                env.activate(mp)
+                made = build(root / "store")
+            self._built[(key, kind)] = (env, root / "store", made)
+        env, folder, made = self._built[(key, kind)]
+        env.activate(monkeypatch)
+        return folder, made
+
+    def close(self) -> None:
+        for env, _, _ in self._built.values():
+            env.close()
+
+
+@pytest.fixture(scope="session")
+def shared_stores(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
+    stores = SharedStores(tmp_path_factory, request)
+    yield stores
+    stores.close()

@@ -1,9 +1,10 @@
 """Artifacts and versions: logging, aliases, lineage, references, and every bad input."""
 
+import numpy as np
 import pytest
 
 import tessera
-from conftest import make_files, store_state
+from conftest import make_files, store_state, stored_blobs
 from tessera.errors import (
     ConflictError,
     DigestMismatchError,
@@ -12,6 +13,8 @@ from tessera.errors import (
     NotFoundError,
 )
 
+both = pytest.mark.both_backends
+
 
 def _artifact(root, name="data", type="dataset"):
     art = tessera.Artifact(name, type=type)
@@ -19,6 +22,7 @@ def _artifact(root, name="data", type="dataset"):
     return art
 
 
+@both
 def test_versions_aliases_and_lineage(tmp_path, store_dir):
     src = make_files(tmp_path / "src", 10)
     with tessera.init(project="p", name="maker", dir=store_dir) as run:
@@ -46,6 +50,7 @@ def test_versions_aliases_and_lineage(tmp_path, store_dir):
         assert sorted(v.version for v in io["used"]) == ["v0", "v1"] and io["logged"] == []
 
 
+@both
 def test_cross_project_use(tmp_path, store_dir):
     src = make_files(tmp_path / "src", 3)
     with tessera.init(project="a", dir=store_dir) as run:
@@ -56,6 +61,7 @@ def test_cross_project_use(tmp_path, store_dir):
             run.use_artifact("data:v0")
 
 
+@both
 def test_unknown_version_lists_what_exists(tmp_path, store_dir):
     src = make_files(tmp_path / "src", 2)
     with tessera.init(project="p", dir=store_dir) as run:
@@ -66,6 +72,7 @@ def test_unknown_version_lists_what_exists(tmp_path, store_dir):
             run.use_artifact("nope:v0")
 
 
+@both
 def test_metadata_and_add_bytes_and_open(tmp_path, store_dir):
     with tessera.init(project="p", dir=store_dir) as run:
         art = tessera.Artifact("cfg", type="config", description="d", metadata={"k": [1, 2]})
@@ -79,6 +86,7 @@ def test_metadata_and_add_bytes_and_open(tmp_path, store_dir):
             v.open("missing")
 
 
+@both
 def test_references_are_hashed_not_copied(tmp_path, store_dir):
     big = tmp_path / "big.bin"
     big.write_bytes(b"x" * 100_000)
@@ -91,8 +99,7 @@ def test_references_are_hashed_not_copied(tmp_path, store_dir):
     entries = {e.path: e for e in v.files()}
     assert entries["big.bin"].ref == big.as_uri()
     assert len([p for p in entries if p.startswith("folder/")]) == 3
-    blob_sizes = [p.stat().st_size for p in (store_dir / "blobs").rglob("*") if p.is_file()]
-    assert 100_000 not in blob_sizes  # only the manifest was stored
+    assert 100_000 not in stored_blobs(store_dir).values()  # only the manifest was stored
     assert (v.download(tmp_path / "dl") / "big.bin").read_bytes() == b"x" * 100_000
     big.write_bytes(b"y" * 100_000)  # the referenced file changes behind our back
     with pytest.raises(DigestMismatchError, match="big.bin"):
@@ -100,6 +107,7 @@ def test_references_are_hashed_not_copied(tmp_path, store_dir):
     assert not (tmp_path / "dl2" / "big.bin").exists()
 
 
+@both
 def test_bad_inputs_leave_the_store_unchanged(tmp_path, store_dir):
     src = make_files(tmp_path / "src", 3)
     with tessera.init(project="p", dir=store_dir) as run:
@@ -142,3 +150,23 @@ def test_bad_inputs_leave_the_store_unchanged(tmp_path, store_dir):
         with pytest.raises(NotFoundError, match="no longer exists"):
             run.log_artifact(art)
         assert store_state(store_dir) == before
+
+
+@both
+def test_versions_stay_readable_after_their_run_and_browser_end(store_dir):
+    """A version object outlives the run (or browser) it came from, on every kind of store:
+    logging predictions on a dataset version from a finished run used to fail over HTTP with
+    "the client has been closed"."""
+    dataset = tessera.Dataset("d", classes=["x", "y"])
+    dataset.add("a", np.zeros((2, 2), np.uint8), "x")
+    dataset.add("b", np.ones((2, 2), np.uint8), "y")
+    with tessera.init(project="p", name="maker", dir=store_dir) as run:
+        logged = run.log_dataset(dataset)
+    with tessera.open_store(store_dir) as store:
+        browsed = store.artifact("p/d:v0")
+    for version in (logged, browsed):
+        assert version.ids == ["a", "b"] and version.label("b") == 1
+        assert [r.name for r in version.lineage()["logged"]] == ["maker"]
+        with tessera.init(project="p", dir=store_dir) as run:
+            table = run.log_predictions(version, ["b", "a"], pred=[1, 0])
+        assert table.to_pandas()["pred"].tolist() == [1, 0]

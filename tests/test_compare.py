@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 import tessera
+from conftest import MAIN_KINDS
 from tessera.api.compare import CompareError
 from tessera.errors import NotFoundError
 
@@ -22,6 +23,8 @@ PREDS = {
     "new": np.array([0, 0, 1, 1, 1, 1, 1, 2, 2, 0, 2, 2]),
     "extra": np.array([0, 1, 0, 0, 1, 0, 1, 1, 2, 2, 2, 2]),
 }
+
+both = pytest.mark.both_backends(kinds=MAIN_KINDS)
 
 
 def tiny_images(count, seed=0):
@@ -48,12 +51,9 @@ def stored(scores):
     return np.asarray(scores, dtype=np.float32).astype(np.float64)
 
 
-@pytest.fixture(scope="module")
-def pets(tmp_path_factory):
+def build_pets(store_dir):
     """pets:v0 (12 samples) and three runs, started base, new, extra but logging in the
-    reverse order; base and new log scores, extra only class indices. Shared by the tests
-    that only read it (a comparison never writes to the store)."""
-    store_dir = tmp_path_factory.mktemp("pets") / "store"
+    reverse order; base and new log scores, extra only class indices."""
     with tessera.init(project="zoo", name="maker", dir=store_dir) as run:
         version = run.log_dataset(make_dataset("pets", IDS, LABELS, tiny_images(12)))
     scores = {"base": scores_for(PREDS["base"], 1), "new": scores_for(PREDS["new"], 2)}
@@ -70,10 +70,18 @@ def pets(tmp_path_factory):
     return {"dir": store_dir, "scores": scores, "ids": {k: r.id for k, r in runs.items()}}
 
 
+@pytest.fixture
+def pets(backend_kind, shared_stores, monkeypatch):
+    """The store of ``build_pets``, one per kind, shared by the tests that only read it (a
+    comparison never writes to the store)."""
+    return shared_stores.get("pets", backend_kind, build_pets, monkeypatch)[1]
+
+
 def ids_where(mask):
     return [sid for sid, keep in zip(IDS, mask, strict=True) if keep]
 
 
+@both
 def test_runs_in_start_order_and_table(pets):
     with tessera.compare("pets:v0", dir=pets["dir"]) as c:
         assert [r.label for r in c.runs] == ["base", "new", "extra"]
@@ -108,6 +116,7 @@ def test_runs_in_start_order_and_table(pets):
         )
 
 
+@both
 def test_confusion_and_samples_of_a_cell_row_and_column(pets):
     with tessera.compare("pets:v0", dir=pets["dir"]) as c:
         for name, pred in PREDS.items():
@@ -132,6 +141,7 @@ def test_confusion_and_samples_of_a_cell_row_and_column(pets):
             c.samples("base", "cow")
 
 
+@both
 def test_disagreements_regressions_and_improvements(pets):
     base, new, extra = PREDS["base"], PREDS["new"], PREDS["extra"]
     with tessera.compare("pets:v0", dir=pets["dir"]) as c:
@@ -173,6 +183,7 @@ def test_disagreements_regressions_and_improvements(pets):
         assert c.regressions("base", "base").empty
 
 
+@both
 def test_hard_samples(pets):
     wrong = sum((pred != LABELS).astype(int) for pred in PREDS.values())
     p_true = []
@@ -194,6 +205,7 @@ def test_hard_samples(pets):
     assert everything["label"].tolist() == [CLASSES[LABELS[i]] for i in order]
 
 
+@both
 def test_history_of_one_sample(pets):
     with tessera.compare("pets:v0", dir=pets["dir"]) as c:
         history = c.history("s03")
@@ -208,6 +220,7 @@ def test_history_of_one_sample(pets):
     assert history["scores"][2] is None
 
 
+@both
 def test_run_selection_by_name_and_id(pets):
     ids = pets["ids"]
     with tessera.compare("pets:v0", runs=["base", ids["extra"]], dir=pets["dir"]) as c:
@@ -234,6 +247,7 @@ def test_run_selection_by_name_and_id(pets):
         tessera.compare("pets:v0", runs=["base", "nope"], dir=pets["dir"])
 
 
+@both
 def test_unknown_datasets_and_tables(pets):
     d = pets["dir"]
     with pytest.raises(NotFoundError, match="no dataset named 'nope'"):
@@ -248,6 +262,7 @@ def test_unknown_datasets_and_tables(pets):
         tessera.compare("zoo/predictions", dir=d)
 
 
+@both
 def test_runs_on_different_subsets_are_compared_on_common_samples(store_dir):
     with tessera.init(project="p", name="maker", dir=store_dir) as run:
         version = run.log_dataset(make_dataset("pets", IDS, LABELS, tiny_images(12)))
@@ -275,6 +290,7 @@ def test_runs_on_different_subsets_are_compared_on_common_samples(store_dir):
         assert (c.n_common, c.left_out) == (12, 0)
 
 
+@both
 def test_every_version_joins_on_id_uses_the_newest_label_and_flags_changed_images(store_dir):
     images = dict(zip(IDS[:8], tiny_images(8, seed=5), strict=True))
     first = IDS[:6]
@@ -340,6 +356,7 @@ def test_every_version_joins_on_id_uses_the_newest_label_and_flags_changed_image
         assert c.table()["label"].tolist()[:1] == ["dog"]
 
 
+@both
 def test_suspect_labels_finds_flipped_labels(store_dir):
     n = 30
     rng = np.random.default_rng(3)
@@ -378,6 +395,7 @@ def test_suspect_labels_finds_flipped_labels(store_dir):
     assert ids[7] in set(hard["id"]) - set(suspects["id"])
 
 
+@both
 def test_dataset_in_two_projects_needs_a_project(store_dir):
     for project, pred in (("p1", PREDS["base"]), ("p2", PREDS["new"])):
         with tessera.init(project=project, name="maker", dir=store_dir) as run:
@@ -397,6 +415,7 @@ def test_dataset_in_two_projects_needs_a_project(store_dir):
         )
 
 
+@both
 def test_duplicate_run_names_get_distinct_labels(store_dir):
     with tessera.init(project="p", name="maker", dir=store_dir) as run:
         version = run.log_dataset(make_dataset("pets", IDS, LABELS, tiny_images(12)))
@@ -423,6 +442,7 @@ def test_duplicate_run_names_get_distinct_labels(store_dir):
         assert [r.label for r in c.runs] == labels[:2]
 
 
+@both
 def test_scores_only_predictions_use_the_argmax(store_dir):
     scores = scores_for(PREDS["new"], 8)
     with tessera.init(project="p", name="maker", dir=store_dir) as run:
@@ -441,6 +461,7 @@ def test_scores_only_predictions_use_the_argmax(store_dir):
     assert isinstance(table["scored/pred"].dtype, pd.CategoricalDtype)
 
 
+@both
 def test_runs_that_share_no_sample(store_dir):
     with tessera.init(project="p", name="maker", dir=store_dir) as run:
         version = run.log_dataset(make_dataset("pets", IDS, LABELS, tiny_images(12)))
@@ -455,6 +476,7 @@ def test_runs_that_share_no_sample(store_dir):
     assert metrics["log_loss"].isna().all()
 
 
+@both
 def test_an_empty_run_selection_is_refused(pets):
     with pytest.raises(CompareError, match="no runs"):
         tessera.compare("pets:v0", runs=[], dir=pets["dir"])

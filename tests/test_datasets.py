@@ -15,6 +15,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import blake3
 import numpy as np
@@ -23,8 +24,12 @@ import torch
 from PIL import Image as PILImage
 
 import tessera
-from conftest import store_state
+from conftest import MAIN_KINDS, read_blob, store_state, stored_blobs
 from tessera.api.dataset import RESERVED_COLUMNS
+
+both = pytest.mark.both_backends
+# tests that log or read the 1,000 seed images: on the main kinds only (time)
+main = pytest.mark.both_backends(kinds=MAIN_KINDS)
 
 # -- shared seed data ----------------------------------------------------------------------------
 
@@ -101,28 +106,56 @@ def seed_images(factory: pytest.TempPathFactory) -> SeedImages:
     return _CACHE["images"]  # type: ignore[return-value]
 
 
+def log_seed(images: SeedImages, store: Path) -> None:
+    dataset = tessera.Dataset.from_folder(images.root, labels=images.labels_csv, name="seed")
+    with tessera.init(project=SEED_PROJECT, name="maker", dir=store) as run:
+        dsv = run.log_dataset(dataset)
+        assert dsv.spec == SEED_SPEC
+
+
 def seed_store(factory: pytest.TempPathFactory) -> SeedStore:
-    """A store holding the seed images logged once as dataset ``eval/seed:v0``."""
+    """A store folder holding the seed images logged once as dataset ``eval/seed:v0``."""
     if "store" not in _CACHE:
         images = seed_images(factory)
         store = factory.mktemp("seed-store") / "store"
-        dataset = tessera.Dataset.from_folder(images.root, labels=images.labels_csv, name="seed")
-        with tessera.init(project=SEED_PROJECT, name="maker", dir=store) as run:
-            dsv = run.log_dataset(dataset)
-            assert dsv.spec == SEED_SPEC
+        with pytest.MonkeyPatch.context() as mp:  # an embedded folder, whatever the test's kind
+            for key in ("TESSERA_SERVER", "TESSERA_CATALOG", "TESSERA_BLOBS"):
+                mp.delenv(key, raising=False)
+            log_seed(images, store)
         _CACHE["store"] = SeedStore(store, images)
     return _CACHE["store"]  # type: ignore[return-value]
 
 
+def _testing_a_store_folder() -> bool:
+    return not any(
+        os.environ.get(k) for k in ("TESSERA_SERVER", "TESSERA_CATALOG", "TESSERA_BLOBS")
+    )
+
+
 def copy_store(seed: SeedStore, dest: Path) -> Path:
-    """A private, writable copy of the seed store."""
-    shutil.copytree(seed.store, dest)
+    """A private, writable store holding the seed dataset, of the kind under test: a copy of
+    the seed folder, or (a server, PostgreSQL, S3) the seed logged afresh."""
+    if _testing_a_store_folder():
+        shutil.copytree(seed.store, dest)
+    else:
+        log_seed(seed.images, dest)
     return dest
 
 
-def blob_kind(path: Path) -> str:
-    """What a blob file holds, judged by its bytes."""
-    data = path.read_bytes()
+def shared_seed(
+    seed: SeedStore, kind: str, shared_stores: Any, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """A store holding the seed dataset, of the kind under test, for tests that only read it."""
+    if kind == "local":
+        return seed.store
+    folder, _ = shared_stores.get(
+        "seed", kind, lambda store: log_seed(seed.images, store), monkeypatch
+    )
+    return folder
+
+
+def blob_kind(data: bytes) -> str:
+    """What a blob holds, judged by its bytes."""
     if data[:4] == b"PAR1" and data[-4:] == b"PAR1":
         return "parquet"
     if data[:2] == b"\xff\xd8":
@@ -136,22 +169,9 @@ def blob_kind(path: Path) -> str:
     return "manifest" if isinstance(doc, dict) and "files" in doc else "other"
 
 
-def blob_sizes(store: Path) -> dict[str, int]:
-    """``{digest: size}`` of every blob file on disk (like conftest.blob_files, but faster)."""
-    out = {}
-    for folder, _dirs, files in os.walk(store / "blobs"):
-        for name in files:
-            out[name] = os.stat(os.path.join(folder, name)).st_size
-    return out
-
-
-def blob_path(store: Path, digest: str) -> Path:
-    return store / "blobs" / digest[:2] / digest[2:4] / digest
-
-
 def added_kinds(store: Path, before: dict[str, int] | set[str] | list[str]) -> list[str]:
-    """The sorted kinds of the blobs that are on disk now and were not in ``before``."""
-    return sorted(blob_kind(blob_path(store, d)) for d in set(blob_sizes(store)) - set(before))
+    """The sorted kinds of the blobs the store under test holds now and did not in ``before``."""
+    return sorted(blob_kind(read_blob(store, d)) for d in set(stored_blobs(store)) - set(before))
 
 
 @pytest.fixture(scope="session")
@@ -160,15 +180,16 @@ def seed(tmp_path_factory: pytest.TempPathFactory) -> SeedStore:
 
 
 @pytest.fixture
-def seed_dsv(seed: SeedStore):
-    """The seed dataset version, read through a read-only store browser."""
-    with tessera.open_store(seed.store) as store:
+def seed_dsv(seed: SeedStore, backend_kind: str, shared_stores, monkeypatch):
+    """The seed dataset version of the kind under test, read through a store browser."""
+    with tessera.open_store(shared_seed(seed, backend_kind, shared_stores, monkeypatch)) as store:
         yield store.artifact(SEED_SPEC)
 
 
 # -- building datasets from folders --------------------------------------------------------------
 
 
+@main
 def test_from_folder_with_labels_csv(seed, seed_dsv):
     images = seed.images
     dsv = seed_dsv
@@ -192,6 +213,7 @@ def test_from_folder_with_labels_csv(seed, seed_dsv):
     assert len({row["image"] for row in rows}) == N_SEED
 
 
+@main
 def test_class_per_subfolder_layout(tmp_path, seed):
     images = seed.images
     root = tmp_path / "pets"
@@ -210,7 +232,7 @@ def test_class_per_subfolder_layout(tmp_path, seed):
         assert dict(zip(frame["id"], frame["label_name"], strict=True)) == images.labels
         assert set(frame["path"]) == {f"images/{sid}.jpg" for sid in images.ids}
         # the same images through a table of file paths: every cell is a reference
-        before = blob_sizes(tmp_path / "store")
+        before = stored_blobs(tmp_path / "store")
         table = tessera.Table(columns=["image", "label"])
         order = images.ids[::-1]
         for sid in order:
@@ -223,6 +245,7 @@ def test_class_per_subfolder_layout(tmp_path, seed):
         assert tv.to_arrow().column("id").to_pylist() == order
 
 
+@both
 def test_from_folder_id_from_path_and_duplicate_stems(tmp_path):
     rng = np.random.default_rng(1)
     for sub in ("a", "b"):
@@ -243,6 +266,7 @@ def test_from_folder_id_from_path_and_duplicate_stems(tmp_path):
         tessera.Dataset.from_folder(tmp_path / "imgs", id="name")
 
 
+@both
 def test_from_folder_csv_problems(tmp_path):
     root = tmp_path / "imgs"
     paths = make_jpegs(root, 3, seed=3, size=8)
@@ -282,6 +306,7 @@ def test_from_folder_csv_problems(tmp_path):
 # -- in-memory images -----------------------------------------------------------------------------
 
 
+@both
 def test_in_memory_images_are_encoded_once_as_png(tmp_path):
     rng = np.random.default_rng(5)
     hw = rng.integers(0, 256, (6, 7), dtype=np.uint8)
@@ -342,6 +367,7 @@ def test_in_memory_images_are_encoded_once_as_png(tmp_path):
         assert added_kinds(store, state["blobs"]) == ["manifest", "parquet", "png"]
 
 
+@main
 def test_jpeg_files_keep_their_exact_bytes(tmp_path, seed, seed_dsv):
     target = seed_dsv.download(tmp_path / "download")
     images = seed.images
@@ -355,6 +381,7 @@ def test_jpeg_files_keep_their_exact_bytes(tmp_path, seed, seed_dsv):
 # -- reading a dataset version -------------------------------------------------------------------
 
 
+@main
 def test_images_by_id_and_pandas(seed, seed_dsv):
     images = seed.images
     dsv = seed_dsv
@@ -415,6 +442,7 @@ def test_peeking_at_canonical_manifest_bytes():
         peek_metadata(b"[1, 2]")
 
 
+@main
 def test_batches_cover_every_sample_once(seed, seed_dsv):
     images = seed.images
     dsv = seed_dsv
@@ -442,6 +470,7 @@ def test_batches_cover_every_sample_once(seed, seed_dsv):
         next(dsv.batches(0))
 
 
+@both
 def test_batches_of_mixed_sizes_are_lists(tmp_path):
     rng = np.random.default_rng(2)
     shapes = [(4, 4, 3), (6, 5, 3), (4, 4, 3), (3, 8), (4, 4, 3)]
@@ -464,6 +493,7 @@ def test_batches_of_mixed_sizes_are_lists(tmp_path):
         assert all(isinstance(b.image, np.ndarray) and b.image.shape[0] == 1 for b in uniform)
 
 
+@pytest.mark.both_backends(kinds=["local", "http"])  # logs the 1,000 seed images afresh
 def test_browsing_returns_typed_versions(tmp_path, seed):
     store = copy_store(seed, tmp_path / "store")
     with tessera.init(project=SEED_PROJECT, dir=store) as run:
@@ -490,6 +520,7 @@ def test_browsing_returns_typed_versions(tmp_path, seed):
         assert [type(v) for v in versions] == [tessera.DatasetVersion]
 
 
+@both
 def test_use_dataset_of_wrong_type_records_no_lineage(tmp_path):
     with tessera.init(project="p", dir=tmp_path / "store") as run:
         art = tessera.Artifact("weights", type="model")
@@ -550,6 +581,7 @@ def test_bad_samples_are_refused_when_added(tmp_path):
         tessera.Dataset("bad name!")
 
 
+@both
 def test_bad_datasets_are_refused_when_logged_and_store_unchanged(tmp_path):
     store = tmp_path / "store"
     good = make_jpegs(tmp_path / "imgs", 5, seed=4, size=8)

@@ -10,22 +10,23 @@ import os
 import re
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 import tessera
-from conftest import store_state
+from conftest import MAIN_KINDS, read_blob, store_state, stored_blobs
 from tessera.api import predictions as predictions_module
 from test_datasets import (
     N_SEED,
     SEED_PROJECT,
     added_kinds,
-    blob_path,
-    blob_sizes,
     copy_store,
     seed_store,
 )
+
+both = pytest.mark.both_backends(kinds=MAIN_KINDS)
 
 CLASSES = ["cat", "dog", "bird"]  # deliberately not sorted: names map by the dataset's order
 IDS = [f"s{i:02d}" for i in range(12)]
@@ -36,16 +37,22 @@ def seed(tmp_path_factory):
     return seed_store(tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    """A store with a 12-sample dataset, and a run that stays open for the module's tests."""
-    store = tmp_path_factory.mktemp("predictions") / "store"
-    rng = np.random.default_rng(3)
-    ds = tessera.Dataset("small", classes=CLASSES)
-    for i, sid in enumerate(IDS):
-        ds.add(sid, rng.integers(0, 256, (6, 6, 3), dtype=np.uint8), CLASSES[i % 3])
+@pytest.fixture
+def small(backend_kind, shared_stores, monkeypatch):
+    """A store (one per kind, shared by the module's tests) with a 12-sample dataset, and a
+    run of this test on it."""
+
+    def build(store):
+        rng = np.random.default_rng(3)
+        ds = tessera.Dataset("small", classes=CLASSES)
+        for i, sid in enumerate(IDS):
+            ds.add(sid, rng.integers(0, 256, (6, 6, 3), dtype=np.uint8), CLASSES[i % 3])
+        with tessera.init(project="p", name="maker", dir=store) as run:
+            run.log_dataset(ds)
+
+    store, _ = shared_stores.get("predictions-small", backend_kind, build, monkeypatch)
     with tessera.init(project="p", name="evaluator", dir=store) as run:
-        yield store, run, run.log_dataset(ds)
+        yield store, run, run.use_dataset("small:v0")
 
 
 def _scores(n: int, seed: int = 0) -> np.ndarray:
@@ -133,6 +140,7 @@ BAD_CALLS = {
 }
 
 
+@both
 @pytest.mark.parametrize("case", list(BAD_CALLS))
 def test_bad_predictions_are_refused_and_store_unchanged(small, case):
     store, run, dsv = small
@@ -146,6 +154,7 @@ def test_bad_predictions_are_refused_and_store_unchanged(small, case):
     assert store_state(store) == state
 
 
+@both
 def test_wrong_argument_types_are_refused(small):
     store, run, dsv = small
     state = store_state(store)
@@ -162,6 +171,7 @@ def test_wrong_argument_types_are_refused(small):
     assert store_state(store) == state
 
 
+@both
 def test_streaming_errors_store_nothing(small, monkeypatch):
     store, run, dsv = small
     monkeypatch.setattr(predictions_module, "ROW_GROUP_ROWS", 3)  # row groups get flushed
@@ -200,6 +210,7 @@ def test_streaming_errors_store_nothing(small, monkeypatch):
     assert store_state(store) == state
 
 
+@both
 def test_a_rejected_batch_leaves_the_writer_usable(small):
     _store, run, dsv = small
     scores = _scores(12, seed=4)
@@ -225,6 +236,7 @@ def test_a_rejected_batch_leaves_the_writer_usable(small):
         p.close()
 
 
+@both
 def test_a_rejected_batch_leaves_no_media_behind(small):
     _store, run, dsv = small
     masks = np.arange(4 * 5 * 5, dtype=np.uint8).reshape(4, 5, 5) + 17
@@ -241,6 +253,7 @@ def test_a_rejected_batch_leaves_no_media_behind(small):
 # -- what is stored ------------------------------------------------------------------------------
 
 
+@both
 def test_prediction_columns_round_trip(small):
     _store, run, dsv = small
     scores = torch.from_numpy(_scores(6, seed=9).astype(np.float64))
@@ -279,6 +292,7 @@ def test_prediction_columns_round_trip(small):
         run.log_predictions(numbered, [0], name="by-number", pred=["cat"])
 
 
+@both
 def test_masks_are_media_stored_once_across_rows_and_rounds(small):
     store, run, dsv = small
     patterns = np.zeros((3, 8, 8), np.uint8)
@@ -286,7 +300,7 @@ def test_masks_are_media_stored_once_across_rows_and_rounds(small):
     patterns[1, :, :4] = 2
     patterns[2, 2:6, 2:6] = 1
     masks = patterns[[i % 3 for i in range(12)]]
-    before = blob_sizes(store)
+    before = stored_blobs(store)
     first = run.log_predictions(dsv, IDS, name="seg", pred=[0] * 12, mask=masks)
     assert added_kinds(store, before) == ["manifest", "parquet", "png", "png", "png"]
     assert first.image_columns == ["mask"]
@@ -299,7 +313,7 @@ def test_masks_are_media_stored_once_across_rows_and_rounds(small):
         np.testing.assert_array_equal(ref.array(), mask)
 
     # round 2: other predictions, the same masks (streamed, repeated across batches)
-    before = blob_sizes(store)
+    before = stored_blobs(store)
     with run.predictions(dsv, name="seg") as p:
         for start in (0, 5, 9):
             stop = {0: 5, 5: 9, 9: 12}[start]
@@ -309,7 +323,7 @@ def test_masks_are_media_stored_once_across_rows_and_rounds(small):
     assert added_kinds(store, before) == ["manifest", "parquet"]
     assert sorted(f.path for f in second.files() if f.path.startswith("media/")) == media
     for digest in {r.digest for r in refs}:
-        assert blob_path(store, digest).read_bytes()[:4] == b"\x89PNG"
+        assert read_blob(store, digest)[:4] == b"\x89PNG"
 
 
 # -- streaming at scale --------------------------------------------------------------------------
@@ -335,7 +349,7 @@ def _stream_and_check(run, dsv, store, batch_size: int, seed: int) -> None:
     assert stored["loss"] == loss[order].tolist()
     group = predictions_module.ROW_GROUP_ROWS
     (entry,) = tv.files()
-    parquet = pq.ParquetFile(blob_path(store, entry.digest))
+    parquet = pq.ParquetFile(pa.BufferReader(read_blob(store, entry.digest)))
     sizes = [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
     assert sizes == [group] * (n // group) + ([n % group] if n % group else [])
     assert len(sizes) >= 3
@@ -346,6 +360,7 @@ def _stream_and_check(run, dsv, store, batch_size: int, seed: int) -> None:
     assert again == tv
 
 
+@both
 def test_streaming_crosses_row_groups_and_round_trips(tmp_path, seed, monkeypatch):
     """The row-group logic at a size the seed dataset can fill (1,000 samples, groups of 300,
     batches of 77); the next test does the same at the real size, 150,000 rows."""
@@ -374,6 +389,7 @@ def test_streaming_150000_predictions_in_batches_of_1000(tmp_path):
         _stream_and_check(run, dsv, tmp_path / "store", batch_size=1000, seed=2)
 
 
+@both
 def test_message_for_unknown_ids_counts_all_of_them(small):
     _store, run, dsv = small
     unknown = [f"zz{i}" for i in range(40)]

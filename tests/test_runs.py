@@ -44,7 +44,7 @@ def test_default_run_names_and_tessera_dir_env(store_dir, monkeypatch):
     with tessera.init(project="p") as a, tessera.init(project="p") as b:
         assert (a.name, b.name) == ("run-1", "run-2")
         assert a.id != b.id
-    assert (store_dir / "catalog.db").exists()
+    assert (store_dir / "tessera.json").exists()  # the store (or a server's cache) is there
 
 
 @both

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import tessera
-from conftest import store_state
+from conftest import MAIN_KINDS, store_state
 from tessera.analysis.queries import QueryError
 
 CLASSES = ["cat", "dog", "fox"]
@@ -26,6 +26,10 @@ WRONG = (LABELS + 1) % 3
 BASE = np.where(np.isin(np.arange(12), [0, 4]), LABELS, WRONG)
 NEW = np.where(np.isin(np.arange(12), [4, 11]), WRONG, LABELS)
 V1_LABELS = np.array([1, 0, 0, 0, 1, 1, 1, 1])  # pets:v1: s00 relabelled, s08..s11 dropped
+
+both = pytest.mark.both_backends(kinds=MAIN_KINDS)
+# the command line prints the same whatever the store: checked on two kinds (time)
+cli_kinds = pytest.mark.both_backends(kinds=["local", "postgres+s3"])
 
 
 def tessera_cli_all(commands):
@@ -68,11 +72,9 @@ def scores_for(pred, seed):
     return scores
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def build_store(root):
     """zoo: pets:v0 (12 samples), pets:v1 (8), runs base and new on v0 (new also a "probe"
-    table on v1); farm: cows:v0 (5) with one run. Only read by the tests that share it."""
-    root = tmp_path_factory.mktemp("sql") / "store"
+    table on v1); farm: cows:v0 (5) with one run."""
     pictures = images(12)
     with tessera.init(project="zoo", name="maker", dir=root) as run:
         v0 = run.log_dataset(dataset("pets", IDS, LABELS, pictures))
@@ -96,6 +98,13 @@ def store(tmp_path_factory):
         )
         run.log_predictions(cows, cows.ids, pred=[0, 1, 0, 0, 1])
         ids["farmer"] = run.id
+    return ids
+
+
+@pytest.fixture
+def store(backend_kind, shared_stores, monkeypatch):
+    """The store of ``build_store``, one per kind, only read by the tests that share it."""
+    root, ids = shared_stores.get("sql", backend_kind, build_store, monkeypatch)
     return {"dir": root, "ids": ids}
 
 
@@ -106,6 +115,7 @@ def rows(frame):
 # -- views -------------------------------------------------------------------------------------
 
 
+@both
 def test_runs_view(store):
     frame = tessera.sql(
         "SELECT project, name, id, status, config, summary FROM runs ORDER BY started_at",
@@ -123,6 +133,7 @@ def test_runs_view(store):
     assert typed["name"].tolist() == ["new"]
 
 
+@both
 def test_datasets_view(store):
     frame = tessera.sql(
         "SELECT project, dataset, version, samples, classes FROM datasets ORDER BY ALL",
@@ -138,6 +149,7 @@ def test_datasets_view(store):
     assert len(tessera.sql("SELECT digest FROM datasets", dir=store["dir"])) == 3
 
 
+@both
 def test_samples_view(store):
     counts = tessera.sql(
         "SELECT project, dataset, version, count(*) AS n FROM samples GROUP BY ALL ORDER BY ALL",
@@ -159,6 +171,7 @@ def test_samples_view(store):
         assert set(frame["width"]) == set(frame["height"]) == {3}
 
 
+@both
 def test_predictions_view(store):
     d = store["dir"]
     counts = tessera.sql(
@@ -197,6 +210,7 @@ def test_predictions_view(store):
     ]
 
 
+@both
 def test_views_of_a_store_without_datasets(store_dir):
     with tessera.init(project="p", dir=store_dir):
         pass
@@ -207,6 +221,7 @@ def test_views_of_a_store_without_datasets(store_dir):
     assert empty.empty
 
 
+@both
 def test_one_sample_table_in_two_projects(store_dir):
     for project in ("a", "b"):  # identical content: the same Parquet blob behind two versions
         with tessera.init(project=project, dir=store_dir) as run:
@@ -218,6 +233,7 @@ def test_one_sample_table_in_two_projects(store_dir):
     assert rows(frame) == [("a", 4), ("b", 4)]
 
 
+@both
 def test_user_columns_named_like_tags_do_not_shadow_them(store_dir):
     with tessera.init(project="p", name="r", dir=store_dir) as run:
         version = run.log_dataset(
@@ -233,6 +249,7 @@ def test_user_columns_named_like_tags_do_not_shadow_them(store_dir):
 # -- refusals ----------------------------------------------------------------------------------
 
 
+@both
 @pytest.mark.parametrize(
     ("query", "message"),
     [
@@ -261,6 +278,7 @@ def test_non_select_statements_are_refused(store, tmp_path, query, message):
     assert sorted(os.listdir(tmp_path)) == files
 
 
+@both
 def test_select_forms_that_are_accepted(store):
     d = store["dir"]
     assert tessera.sql("SELECT count(*) AS n FROM runs;", dir=d)["n"].tolist() == [4]
@@ -300,16 +318,22 @@ CLI = {
 }
 
 
-@pytest.fixture(scope="module")
-def cli(store):
-    """Every command of this module, run once against the shared store (which must not
-    change)."""
-    before = store_state(store["dir"])
-    results = tessera_cli_all([[*args, "--dir", str(store["dir"])] for args in CLI.values()])
-    assert store_state(store["dir"]) == before
-    return dict(zip(CLI, results, strict=True))
+_CLI_RESULTS: dict[str, dict[str, subprocess.CompletedProcess]] = {}
 
 
+@pytest.fixture
+def cli(store, backend_kind):
+    """Every command of this module, run once per kind against the shared store (which must
+    not change)."""
+    if backend_kind not in _CLI_RESULTS:
+        before = store_state(store["dir"])
+        results = tessera_cli_all([[*args, "--dir", str(store["dir"])] for args in CLI.values()])
+        assert store_state(store["dir"]) == before
+        _CLI_RESULTS[backend_kind] = dict(zip(CLI, results, strict=True))
+    return _CLI_RESULTS[backend_kind]
+
+
+@cli_kinds
 def test_cli_sql(cli):
     result = cli["sql"]
     assert result.returncode == 0, result.stderr
@@ -321,6 +345,7 @@ def test_cli_sql(cli):
     assert "(3 rows; 2 shown)" in result.stdout
 
 
+@cli_kinds
 def test_cli_compare_prints_metrics_mcnemar_and_regressions(cli, store):
     result = cli["compare"]
     assert result.returncode == 0, result.stderr
@@ -355,6 +380,7 @@ def test_cli_compare_prints_metrics_mcnemar_and_regressions(cli, store):
     assert len(regressions) == 9
 
 
+@cli_kinds
 @pytest.mark.parametrize(
     ("command", "message"),
     [
@@ -367,6 +393,7 @@ def test_cli_errors_are_one_line(cli, command, message):
     one_error_line(cli[command], message)
 
 
+@cli_kinds
 def test_cli_syntax_error_is_one_line(cli):
     one_error_line(cli["syntax error"], "syntax error")
 

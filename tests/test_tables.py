@@ -13,17 +13,18 @@ import torch
 from PIL import Image as PILImage
 
 import tessera
-from conftest import store_state
+from conftest import MAIN_KINDS, store_state, stored_blobs
 from test_datasets import (
     CLASSES,
     N_SEED,
     SEED_PROJECT,
     SEED_SPEC,
     added_kinds,
-    blob_sizes,
     copy_store,
     seed_store,
 )
+
+both = pytest.mark.both_backends(kinds=MAIN_KINDS)
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +42,9 @@ def model_outputs(n: int, round: int) -> tuple[np.ndarray, np.ndarray]:
 # -- the seed workflow ---------------------------------------------------------------------------
 
 
+# Not on PostgreSQL + S3: 60-80 s per way there (the 1,000 seed images logged to the bucket,
+# the bucket listed before and after each round); test_torch runs the seed workflow on it.
+@pytest.mark.both_backends(kinds=["local", "http"])
 @pytest.mark.parametrize("way", ["ids", "paths", "arrays"])
 def test_evaluation_rounds_add_no_image_bytes(tmp_path, seed, way):
     """Five rounds over 1,000 dataset images, logged by id, as Image(path) cells and as
@@ -55,7 +59,7 @@ def test_evaluation_rounds_add_no_image_bytes(tmp_path, seed, way):
         for round in range(5):
             order = [str(s) for s in np.random.default_rng(round).permutation(images.ids)]
             pred, scores = model_outputs(len(order), round)
-            before = blob_sizes(store)
+            before = stored_blobs(store)
             with warnings.catch_warnings():
                 warnings.simplefilter("error", tessera.UnmatchedImagesWarning)
                 if way == "ids":
@@ -70,7 +74,7 @@ def test_evaluation_rounds_add_no_image_bytes(tmp_path, seed, way):
                         table.add_data(cell, images.labels[sid], CLASSES[p])
                     run.log({"eval": table})
                     tv = run.tables()[-1]
-            after = blob_sizes(store)
+            after = stored_blobs(store)
 
             # storage: one Parquet file and the manifest; no image of any kind
             added = set(after) - set(before)
@@ -103,6 +107,7 @@ def test_evaluation_rounds_add_no_image_bytes(tmp_path, seed, way):
     assert added_kinds(store, []).count("jpeg") == N_SEED  # the originals, once
 
 
+@pytest.mark.both_backends(kinds=["local", "http"])  # logs the 1,000 seed images afresh
 def test_preprocessed_arrays_are_stored_as_new_media_once(tmp_path, seed):
     store = copy_store(seed, tmp_path / "store")
     images = seed.images
@@ -123,10 +128,10 @@ def test_preprocessed_arrays_are_stored_as_new_media_once(tmp_path, seed):
         return table
 
     with tessera.init(project=SEED_PROJECT, dir=store) as run:
-        before = blob_sizes(store)
+        before = stored_blobs(store)
         with pytest.warns(tessera.UnmatchedImagesWarning, match="300 images in table") as info:
             first = run.log_table("prep", round_table(0))
-        after = blob_sizes(store)
+        after = stored_blobs(store)
         assert added_kinds(store, before) == ["manifest", "parquet", *["png"] * len(ids)]
         media = sum(after[e.digest] for e in first.files() if e.path.startswith("media/"))
         assert media > 0 and f"({media:,} new bytes)" in str(info[0].message)
@@ -163,6 +168,7 @@ def _small_dataset(run: tessera.Run, n: int = 6) -> tuple[tessera.DatasetVersion
     return run.log_dataset(ds), arrays
 
 
+@both
 def test_tables_read_back(tmp_path):
     store = tmp_path / "store"
     with tessera.init(project="p", name="first", dir=store) as run:
@@ -230,13 +236,14 @@ def test_tables_read_back(tmp_path):
         assert [r.name for r in browser.lineage("p/small:v0")["used"]] == ["first"]
 
 
+@both
 def test_reencoded_file_resolves_to_its_sample_by_pixels(tmp_path):
     store = tmp_path / "store"
     with tessera.init(project="p", dir=store) as run:
         dsv, arrays = _small_dataset(run)
         path = tmp_path / "copy.bmp"  # the same pixels, other bytes than the stored PNG
         PILImage.fromarray(arrays[3]).save(path)
-        before = blob_sizes(store)
+        before = stored_blobs(store)
         with warnings.catch_warnings():
             warnings.simplefilter("error", tessera.UnmatchedImagesWarning)
             tv = run.log_table("t", tessera.Table(columns=["image"], data=[[tessera.Image(path)]]))
@@ -248,6 +255,7 @@ def test_reencoded_file_resolves_to_its_sample_by_pixels(tmp_path):
 # -- bad tables and images -----------------------------------------------------------------------
 
 
+@both
 def test_bad_images_and_tables_are_refused_and_store_unchanged(tmp_path):
     store = tmp_path / "store"
     corrupt = tmp_path / "broken.jpg"

@@ -12,6 +12,7 @@ from PIL import Image as PILImage
 from torch.utils.data import DataLoader
 
 import tessera
+from conftest import MAIN_KINDS, stored_blobs
 from tessera.integrations.torch import TorchDataset
 from test_datasets import (
     CLASSES,
@@ -19,10 +20,12 @@ from test_datasets import (
     SEED_PROJECT,
     SEED_SPEC,
     added_kinds,
-    blob_sizes,
     copy_store,
     seed_store,
+    shared_seed,
 )
+
+both = pytest.mark.both_backends(kinds=MAIN_KINDS)
 
 CENTRES = torch.tensor([0.3, 0.5, 0.7])
 
@@ -47,6 +50,8 @@ def model(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return scores.argmax(1), scores, brightness
 
 
+# Not over HTTP: the seed logged afresh and fetched blob by blob takes ~25 s there.
+@pytest.mark.both_backends(kinds=["local", "postgres+s3"])
 def test_dataloader_evaluation_logs_predictions_on_the_right_samples(tmp_path, seed):
     store = copy_store(seed, tmp_path / "store")
     images = seed.images
@@ -63,7 +68,7 @@ def test_dataloader_evaluation_logs_predictions_on_the_right_samples(tmp_path, s
         )
         seen: list[str] = []
         first_batch = None
-        before = blob_sizes(store)
+        before = stored_blobs(store)
         with run.predictions(dsv, name="torch") as p:
             for batch in loader:
                 assert isinstance(batch["id"], list) and batch["image"].shape[1:] == (3, 32, 32)
@@ -106,7 +111,7 @@ def test_dataloader_evaluation_logs_predictions_on_the_right_samples(tmp_path, s
         table = tessera.Table(columns=["image", "pred"])
         for image, pred in zip(first_batch["image"], model(first_batch["image"])[0], strict=True):
             table.add_data(tessera.Image(image), CLASSES[int(pred)])
-        before = blob_sizes(store)
+        before = stored_blobs(store)
         with warnings.catch_warnings():
             warnings.simplefilter("error", tessera.UnmatchedImagesWarning)
             view = run.log_table("batch-view", table)
@@ -115,9 +120,10 @@ def test_dataloader_evaluation_logs_predictions_on_the_right_samples(tmp_path, s
         assert {ref.dataset for ref in view.to_pandas()["image"]} == {SEED_SPEC}
 
 
-def test_items_without_a_transform_are_uint8_chw(tmp_path, seed):
+@both
+def test_items_without_a_transform_are_uint8_chw(seed, backend_kind, shared_stores, monkeypatch):
     images = seed.images
-    with tessera.open_store(seed.store) as browser:
+    with tessera.open_store(shared_seed(seed, backend_kind, shared_stores, monkeypatch)) as browser:
         dsv = browser.artifact(SEED_SPEC)
         data = TorchDataset(dsv)
         for index in (0, 17, N_SEED - 1):
@@ -129,6 +135,10 @@ def test_items_without_a_transform_are_uint8_chw(tmp_path, seed):
             np.testing.assert_array_equal(
                 item["image"].numpy(), images.arrays[sid].transpose(2, 0, 1)
             )
+
+
+@both
+def test_a_grey_image_without_a_label(tmp_path):
     grey = tessera.Dataset("grey")
     grey.add("g", np.arange(12, dtype=np.uint8).reshape(3, 4))
     with tessera.init(project="p", dir=tmp_path / "store") as run:

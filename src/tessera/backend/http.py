@@ -13,6 +13,7 @@ import dataclasses
 import os
 import random
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -57,25 +58,38 @@ class HttpBackend:
     def __init__(self, url: str, token: str | None, cache: Store):
         self.url = url
         self.cache = cache
-        headers = {"User-Agent": "tessera"}
+        self._headers = {"User-Agent": "tessera"}
         if token:
-            headers["Authorization"] = f"Bearer {token}"
-        self.client = httpx.Client(
-            base_url=url,
-            headers=headers,
+            self._headers["Authorization"] = f"Bearer {token}"
+        self._client = self._new_client()
+        self._client_lock = threading.Lock()
+
+    def _new_client(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url,
+            headers=self._headers,
             # Plain http never uses TLS (and redirects are not followed): skip loading the CA
             # bundle, which took longer than a whole push of unchanged data.
-            verify=not url.startswith("http://"),
+            verify=not self.url.startswith("http://"),
             timeout=httpx.Timeout(120.0, connect=10.0),
             limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
         )
+
+    @property
+    def client(self) -> httpx.Client:
+        """The connection pool; opened again if the backend was closed, so that versions read
+        through a finished run or a closed browser stay readable (as a local store's do)."""
+        with self._client_lock:
+            if self._client.is_closed:
+                self._client = self._new_client()
+            return self._client
 
     @classmethod
     def open(cls, url: str, token: str | None, dir: str | os.PathLike[str] | None) -> HttpBackend:
         return cls(url, token, Store.open(dir, create=True, local_only=True))
 
     def close(self) -> None:
-        self.client.close()
+        self._client.close()
         self.cache.close()
 
     # -- transport ---------------------------------------------------------------------------

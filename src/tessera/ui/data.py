@@ -10,7 +10,6 @@ here is keyed by version id or digest and never goes stale; the caches are bound
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import uuid
@@ -26,10 +25,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import sqlalchemy as sa
 
-from tessera.analysis.queries import parquet_paths, sql_list
+from tessera.analysis.queries import connect, parquet_paths, sql_list
 from tessera.api.compare import Comparison
 from tessera.backend.local import LocalBackend
-from tessera.errors import NotFoundError
+from tessera.errors import NotFoundError, StoreCorruptError
 from tessera.store import schema as t
 from tessera.store.catalog import RunRecord, TableRow, VersionRecord
 from tessera.ui.filters import (
@@ -239,6 +238,13 @@ class CompareEntry:
         raise NotFoundError(f"run {run_id!r} is not in this comparison")
 
 
+def parquet_columns(cur: duckdb.DuckDBPyConnection, source: str) -> list[str]:
+    """The column names of a Parquet blob, read by DuckDB wherever the blob is (a local path,
+    or a bucket URL through the filesystem the UI's connection registered)."""
+    cur.execute(f"SELECT * FROM read_parquet({sql_list([source])}) LIMIT 0")
+    return [column[0] for column in cur.description]
+
+
 # -- the data layer ----------------------------------------------------------------------------
 
 
@@ -247,7 +253,7 @@ class UIData:
 
     def __init__(self, backend: LocalBackend):
         self.backend = backend
-        self.db = duckdb.connect(":memory:")
+        self.db = connect(backend)  # reads Parquet where the blobs are: a folder or a bucket
         self._infos: LRU[int, VersionInfo] = LRU(64)
         self._sources: OrderedDict[int, TableSource] = OrderedDict()
         self._sources_lock = threading.Lock()
@@ -310,8 +316,7 @@ class UIData:
                 entries=named,
             )
             if record.type == "dataset" and "samples" in named:
-                path = self.backend.blob_path(named["samples"])
-                info.parquet = [str(path)] if path is not None else info.parquet
+                info.parquet = [self.backend.duckdb_source(named["samples"])]
             del manifest
             self._infos.put(version_id, info)
             return info
@@ -359,10 +364,9 @@ class UIData:
                 ).scalars()
                 total = count = 0
                 for digest in digests:
-                    path = self.backend.blob_path(digest)
-                    try:
-                        total += os.stat(path).st_size if path is not None else 0
-                    except OSError:
+                    try:  # asked of the blob store: over S3, no blob is downloaded for this
+                        total += self.backend.store.blobs.size(digest)
+                    except StoreCorruptError:
                         continue
                     count += 1
             stored = {"blobs": count, "stored_bytes": total}
@@ -502,7 +506,7 @@ class UIData:
         image_columns: dict[str, str] = {}
         with self.cursor() as cur:
             if record.type == "dataset":
-                names = pq.read_schema(info.parquet[0]).names
+                names = parquet_columns(cur, info.parquet[0])
                 exclude = " EXCLUDE (pixels)" if "pixels" in names else ""
                 cur.execute(f"CREATE TABLE {name} AS SELECT *{exclude} FROM read_parquet({files})")
                 kind = "dataset"
@@ -556,7 +560,7 @@ class UIData:
         dataset: VersionRecord | None,
     ) -> None:
         """Predictions joined by id with their dataset's label and original image."""
-        names = pq.read_schema(info.parquet[0]).names
+        names = parquet_columns(cur, info.parquet[0])
         files = sql_list(info.parquet)
         has_pred, has_scores = "pred" in names, "scores" in names
         pred = (
@@ -848,8 +852,8 @@ class UIData:
                     )
                 elif new.record.type == "predictions" and old.parquet and new.parquet:
                     by = "id"
-                    old_names = pq.read_schema(old.parquet[0]).names
-                    new_names = pq.read_schema(new.parquet[0]).names
+                    old_names = parquet_columns(cur, old.parquet[0])
+                    new_names = parquet_columns(cur, new.parquet[0])
                     old_pred = "pred" if "pred" in old_names else "NULL"
                     new_pred = "pred" if "pred" in new_names else "NULL"
                     cur.execute(
