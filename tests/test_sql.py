@@ -419,7 +419,6 @@ def test_duckdb_reads_a_large_parquet_blob_from_the_bucket(s3_env, tmp_path):
     store.create()
     digest = store.put_bytes(data)
     con = duckdb.connect()
-    store.register_duckdb(con)
     count, total = con.execute(
         f"SELECT count(*), sum(v) FROM read_parquet('{store.duckdb_path(digest)}')"
     ).fetchone()

@@ -128,7 +128,7 @@ def sql(
     from tessera.analysis.queries import connect, register_views, run_readonly_sql
 
     backend = open_backend(dir, server)
-    con = connect(backend)
+    con = connect()
     try:
         register_views(con, backend)
         return run_readonly_sql(con, query)

@@ -31,17 +31,15 @@ class QueryError(TesseraError, ValueError):
     """A SQL query that was refused or failed."""
 
 
-def connect(backend: Backend | None = None) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB that can read the backend's Parquet blobs."""
-    con = duckdb.connect(":memory:")
-    if backend is not None:
-        backend.register_duckdb(con)
-    return con
+def connect() -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB. It reads Parquet blobs from local files only (``parquet_paths``):
+    a blob in a bucket or on a server is read from its verified copy in the local cache, see
+    docs/decisions.md on why not through a registered filesystem."""
+    return duckdb.connect(":memory:")
 
 
 def parquet_paths(backend: Backend, manifest: Manifest) -> list[str]:
-    """Where DuckDB reads a version's Parquet files (local paths, or bucket URLs through the
-    filesystem ``connect(backend)`` registered), in path order."""
+    """The local files DuckDB reads a version's Parquet blobs from, in path order."""
     return [
         backend.duckdb_source(entry.digest)
         for entry in manifest.files.values()

@@ -99,7 +99,7 @@ class Comparison:
         self.every_version = len(self.versions) > 1 or ":" not in dataset
         latest = self.versions[-1]
         self.classes: list[str] | None = DatasetVersion(backend, latest).classes
-        self._con = connect(backend)
+        self._con = connect()
         self.runs = _select_runs(backend, self._con, self.versions, predictions, runs, dataset)
         self._build()
 

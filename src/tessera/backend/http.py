@@ -356,9 +356,6 @@ class HttpBackend:
     def duckdb_source(self, digest: str) -> str:
         return str(self.blob_path(digest))
 
-    def register_duckdb(self, con: Any) -> None:
-        """Blobs are read from the local cache: nothing to register."""
-
     def read_manifest(self, digest: str) -> Manifest:
         return Manifest.from_bytes(self.blob_path(digest).read_bytes(), digest)
 

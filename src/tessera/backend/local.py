@@ -247,9 +247,6 @@ class LocalBackend:
     def duckdb_source(self, digest: str) -> str:
         return self.store.blobs.duckdb_path(digest)
 
-    def register_duckdb(self, con: Any) -> None:
-        self.store.blobs.register_duckdb(con)
-
     # -- browsing ----------------------------------------------------------------------------
 
     def projects(self) -> list[ProjectRecord]:

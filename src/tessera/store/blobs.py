@@ -113,9 +113,6 @@ class LocalBlobStore:
     def duckdb_path(self, digest: str) -> str:
         return str(self.path_of(digest))
 
-    def register_duckdb(self, con: object) -> None:
-        """Local files need no registered file system."""
-
     def hash_blob(self, digest: str) -> str:
         return hash_file(self.path_of(digest))[0]
 

@@ -90,9 +90,6 @@ class S3BlobStore:
         """
         return str(self.local_path(digest))
 
-    def register_duckdb(self, con: Any) -> None:
-        """Blobs are read from the local cache: nothing to register."""
-
     # -- reading -----------------------------------------------------------------------------
 
     def has(self, digest: str) -> bool:

@@ -239,8 +239,8 @@ class CompareEntry:
 
 
 def parquet_columns(cur: duckdb.DuckDBPyConnection, source: str) -> list[str]:
-    """The column names of a Parquet blob, read by DuckDB wherever the blob is (a local path,
-    or a bucket URL through the filesystem the UI's connection registered)."""
+    """The column names of a Parquet blob (a local file: a blob in a bucket or on a server is
+    read from its verified copy in the local cache)."""
     cur.execute(f"SELECT * FROM read_parquet({sql_list([source])}) LIMIT 0")
     return [column[0] for column in cur.description]
 
@@ -253,7 +253,7 @@ class UIData:
 
     def __init__(self, backend: LocalBackend):
         self.backend = backend
-        self.db = connect(backend)  # reads Parquet where the blobs are: a folder or a bucket
+        self.db = connect()
         self._infos: LRU[int, VersionInfo] = LRU(64)
         self._sources: OrderedDict[int, TableSource] = OrderedDict()
         self._sources_lock = threading.Lock()
