@@ -222,13 +222,13 @@ if ARGS["cold"]:
     t2 = _t()
     dsv.ids
     t3 = _t()
-    dsv._row_of
+    dsv._id_index
     t4 = _t()
     breakdown = {"use_dataset_s": t1 - t0, "manifest_s": t2 - t1, "ids_s": t3 - t2,
                  "row_index_s": t4 - t3, "manifest_files": len(dsv.manifest.files)}
 else:
     dsv = loader_view
-    dsv._row_of
+    dsv._id_index
 while len(rounds) < ARGS["rounds"]:
     _dsv, pred, scores, out = one_round(dsv, 1000 + len(rounds), ids)
     out["cold"] = False
