@@ -155,10 +155,10 @@ def peek_metadata(data: bytes, digest: str | None = None) -> dict[str, Any]:
             except ValueError:
                 value, stop = None, -1
             if isinstance(value, dict) and stop == len(text):
-                _check_tail(data[:position], digest)
+                _check_tail(data[max(0, position - 300) : position], digest)  # no copy
                 return value
             position = data.rfind(_METADATA_KEY, 0, position)
-        _check_tail(data[:end], digest)  # a manifest without metadata
+        _check_tail(data[max(0, end - 300) : end], digest)  # a manifest without metadata
         return {}
     raise StoreCorruptError(f"manifest {digest} is not a JSON object")
 
