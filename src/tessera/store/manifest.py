@@ -155,10 +155,10 @@ def peek_metadata(data: bytes, digest: str | None = None) -> dict[str, Any]:
             except ValueError:
                 value, stop = None, -1
             if isinstance(value, dict) and stop == len(text):
-                _check_tail(data[max(0, position - 300) : position], digest)  # no copy
+                _check_tail(data, position, digest)
                 return value
             position = data.rfind(_METADATA_KEY, 0, position)
-        _check_tail(data[max(0, end - 300) : end], digest)  # a manifest without metadata
+        _check_tail(data, end, digest)  # a manifest without metadata
         return {}
     raise StoreCorruptError(f"manifest {digest} is not a JSON object")
 
@@ -199,8 +199,10 @@ def _check_bytes(data: bytes, digest: str | None) -> None:
         )
 
 
-def _check_tail(head: bytes, digest: str | None) -> None:
-    match = _TAIL.search(head[-300:])
+def _check_tail(data: bytes, end: int, digest: str | None) -> None:
+    """Check the format and hash members that end at ``data[end]``. Searches in place: a
+    slice of a million-entry manifest would copy hundreds of megabytes."""
+    match = _TAIL.search(data, max(0, end - 300), end)
     if match is None:
         raise StoreCorruptError(f"manifest {digest} is not a canonical manifest")
     fmt, algorithm = int(match.group(1)), json.loads(match.group(2))
