@@ -124,7 +124,7 @@ def logger(cfg):
     real_put_file = blobs_mod.LocalWriteBatch.put_file
     real_commit = blobs_mod.LocalWriteBatch.commit
     real_durable = blobs_mod._make_durable
-    real_ensure_dir = blobs_mod.LocalBlobStore._ensure_dir
+    real_place = blobs_mod.LocalBlobStore._place
     real_commit_version = Catalog.commit_version
     real_link = Catalog._link
 
@@ -149,11 +149,11 @@ def logger(cfg):
         stage("blob-sync-temps" if state["syncs"] == 1 else "blob-sync-renames")
         return real_durable(directory, files)
 
-    def ensure_dir(self, directory):
+    def place(self, temp, digest):
         state["renames"] += 1
         if state["renames"] == max(1, state["to_rename"] // 2):
             stage("blob-mid-rename")
-        return real_ensure_dir(self, directory)
+        return real_place(self, temp, digest)
 
     def commit_version(self, **kw):
         stage("catalog-start")
@@ -169,7 +169,7 @@ def logger(cfg):
     blobs_mod.LocalWriteBatch.put_file = put_file
     blobs_mod.LocalWriteBatch.commit = commit
     blobs_mod._make_durable = durable
-    blobs_mod.LocalBlobStore._ensure_dir = ensure_dir
+    blobs_mod.LocalBlobStore._place = place
     Catalog.commit_version = commit_version
     Catalog._link = link
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import secrets
+import random
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -85,8 +85,7 @@ class LocalBlobStore:
         self.blob_dir = root / "blobs"
         self._blob_prefix = str(self.blob_dir)
         self.tmp_dir = root / "tmp"
-        self._made_dirs: set[str] = set()
-        self._made_dirs_lock = threading.Lock()
+        self._tmp_prefix = str(self.tmp_dir)
 
     def create(self) -> None:
         self.blob_dir.mkdir(parents=True, exist_ok=True)
@@ -215,24 +214,33 @@ class LocalBlobStore:
             except FileNotFoundError:
                 continue
 
-    def _ensure_dir(self, directory: str) -> None:
-        if directory in self._made_dirs:
-            return
-        os.makedirs(directory, exist_ok=True)
-        with self._made_dirs_lock:
-            self._made_dirs.add(directory)
+    def _place(self, temp: Path, digest: str) -> str:
+        """Rename a durable temporary file to its blob name; returns that name."""
+        final = self.path_text(digest)
+        # Renaming over an existing blob is harmless: it has the same bytes. The shard folders
+        # of a young store appear as blobs arrive, so the rename is tried first and the folder
+        # made only when it is missing: one system call for most blobs.
+        try:
+            os.replace(temp, final)
+        except FileNotFoundError:
+            os.makedirs(final[: -len(digest) - 1], exist_ok=True)
+            os.replace(temp, final)
+        return final
 
     def _new_temp(self) -> tuple[int, Path]:
         # Created read-only: the mode restricts later opens, not this one, so the blob needs
-        # no chmod before it is renamed into place.
-        path = self.tmp_dir / f"{secrets.token_hex(12)}.tmp"
+        # no chmod before it is renamed into place. The 96 random bits come from the process's
+        # PRNG (reseeded after fork), not from a getrandom call per blob; O_EXCL turns a
+        # collision into another draw, never a shared file.
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-        try:
-            fd = os.open(path, flags, _BLOB_MODE)
-        except FileNotFoundError:  # tmp/ removed by hand since the store was created
-            self.tmp_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, flags, _BLOB_MODE)
-        return fd, path
+        while True:
+            path = f"{self._tmp_prefix}/{random.getrandbits(96):024x}.tmp"
+            try:
+                return os.open(path, flags, _BLOB_MODE), Path(path)
+            except FileExistsError:
+                continue
+            except FileNotFoundError:  # tmp/ removed by hand since the store was created
+                self.tmp_dir.mkdir(parents=True, exist_ok=True)
 
 
 class LocalWriteBatch:
@@ -333,11 +341,7 @@ class LocalWriteBatch:
         _make_durable(store.tmp_dir, list(self._pending.values()))
         finals = []
         for digest, temp in self._pending.items():
-            final = store.path_text(digest)
-            store._ensure_dir(final[: -len(digest) - 1])
-            # Renaming over an existing blob is harmless: it has the same bytes.
-            os.replace(temp, final)
-            finals.append(Path(final))
+            finals.append(Path(store._place(temp, digest)))
         # The renames themselves must be durable before the catalog may point at the blobs.
         _make_durable(store.blob_dir, finals)
         self._pending.clear()
