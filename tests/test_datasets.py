@@ -442,6 +442,37 @@ def test_peeking_at_canonical_manifest_bytes():
         peek_metadata(b"[1, 2]")
 
 
+def test_peeking_at_a_manifest_tail():
+    """A streamed manifest keeps only its tail: what the tail holds is found, what it does not
+    is reported as not there (None) so callers parse the whole, and a wrong digest is refused
+    although the tail alone would look fine."""
+    import io
+
+    from tessera.errors import StoreCorruptError
+    from tessera.store.manifest import FileEntry, Manifest, peek_entry, peek_metadata, read_tail
+
+    entries = [FileEntry(f"images/{i:04d}.png", f"{i:064x}", 100 + i) for i in range(500)]
+    entries.append(FileEntry("samples.parquet", "c" * 64, 1234))
+    manifest = Manifest.build(entries, {"kind": "dataset", "classes": ["a", "b"]})
+    data, digest = manifest.to_bytes(), manifest.digest()
+
+    tail = read_tail(io.BytesIO(data), digest, keep=2000)
+    assert not tail.whole and len(tail.data) == 2000 and data.endswith(tail.data)
+    assert peek_metadata(tail, digest) == manifest.metadata
+    assert peek_entry(tail, "samples.parquet", digest) == manifest.files["samples.parquet"]
+    assert peek_entry(tail, "images/0000.png", digest) is None  # before the tail
+
+    too_short = read_tail(io.BytesIO(data), digest, keep=30)
+    assert peek_metadata(too_short, digest) is None
+
+    whole = read_tail(io.BytesIO(data), digest, keep=len(data))
+    assert whole.whole and whole.data == data
+    assert peek_entry(whole, "images/0000.png", digest) == manifest.files["images/0000.png"]
+
+    with pytest.raises(StoreCorruptError, match="does not hash to its name"):
+        read_tail(io.BytesIO(b" " + data), digest, keep=2000)
+
+
 @main
 def test_batches_cover_every_sample_once(seed, seed_dsv):
     images = seed.images

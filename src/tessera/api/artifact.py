@@ -22,7 +22,14 @@ from tessera.jsonvalues import to_json
 from tessera.names import check_artifact_path, check_name
 from tessera.store.catalog import RunRecord, VersionRecord
 from tessera.store.hashing import CHUNK_SIZE, hash_file, new_hasher
-from tessera.store.manifest import FileEntry, Manifest, peek_entry, peek_metadata
+from tessera.store.manifest import (
+    FileEntry,
+    Manifest,
+    ManifestTail,
+    peek_entry,
+    peek_metadata,
+    read_tail,
+)
 
 if TYPE_CHECKING:
     from tessera.api.run import Run
@@ -155,6 +162,7 @@ class ArtifactVersion:
         self._record = record
         self._manifest = manifest
         self._metadata: dict[str, Any] | None = None
+        self._tail: ManifestTail | None = None
         self._run = run
 
     def __repr__(self) -> str:
@@ -234,12 +242,16 @@ class ArtifactVersion:
             return self._manifest.metadata
         if self._metadata is None:
             # Without building the whole manifest: a dataset's has an entry per image.
-            self._metadata = peek_metadata(self._manifest_bytes(), self.digest)
+            found = peek_metadata(self._manifest_tail(), self.digest)
+            self._metadata = found if found is not None else self.manifest.metadata
         return self._metadata
 
-    def _manifest_bytes(self) -> bytes:
-        with self._backend.open_blob(self.digest) as f:
-            return f.read()
+    def _manifest_tail(self) -> ManifestTail:
+        """The manifest's verified last bytes (its metadata, its last entries), read once."""
+        if self._tail is None:
+            with self._backend.open_blob(self.digest) as f:
+                self._tail = read_tail(f, self.digest)
+        return self._tail
 
     def files(self) -> list[FileEntry]:
         """Every file, sorted by path."""
@@ -247,7 +259,7 @@ class ArtifactVersion:
 
     def entry(self, path: str) -> FileEntry:
         if self._manifest is None:
-            found = peek_entry(self._manifest_bytes(), path, self.digest)
+            found = peek_entry(self._manifest_tail(), path, self.digest)
             if found is not None:
                 return found
         try:

@@ -12,6 +12,7 @@ from tessera.store.manifest import Manifest
 if TYPE_CHECKING:
     from tessera.api.run import Run
 
+
 def version_object(
     backend: Backend,
     record: VersionRecord,

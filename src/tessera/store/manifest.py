@@ -12,11 +12,11 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from tessera.errors import InvalidPathError, StoreCorruptError, StoreFormatError, TesseraError
 from tessera.names import check_artifact_path
-from tessera.store.hashing import ALGORITHM, check_digest, hash_bytes
+from tessera.store.hashing import ALGORITHM, CHUNK_SIZE, check_digest, hash_bytes, new_hasher
 
 MANIFEST_FORMAT = 1
 # The canonical document ends ``"format":N,"hash":"…"`` then, when there is metadata,
@@ -133,7 +133,41 @@ class Manifest:
         return cls(files=files, metadata=dict(metadata or {}))
 
 
-def peek_metadata(data: bytes, digest: str | None = None) -> dict[str, Any]:
+# How much of a manifest's end ``read_tail`` keeps: the metadata and the last entries (a
+# dataset's sample table is its last file) of even a million-sample dataset.
+TAIL_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class ManifestTail:
+    """The last bytes of a manifest whose whole was checked against its digest while read."""
+
+    data: bytes
+    whole: bool  # the data is the entire manifest
+
+
+def read_tail(f: BinaryIO, digest: str, keep: int = TAIL_BYTES) -> ManifestTail:
+    """Hash a manifest while streaming it; keep only its last ``keep`` bytes.
+
+    A predictions writer needs a dataset's metadata and the entry of its sample table, both at
+    the end of the manifest; reading a million-sample manifest (about 260 MB) whole, twice, set
+    the writer's peak memory.
+    """
+    hasher = new_hasher()
+    tail = b""
+    whole = True
+    while chunk := f.read(CHUNK_SIZE):
+        hasher.update(chunk)
+        tail += chunk
+        if len(tail) > keep:
+            tail = tail[-keep:]
+            whole = False
+    if hasher.hexdigest() != digest:
+        raise _not_its_digest(digest)
+    return ManifestTail(tail, whole)
+
+
+def peek_metadata(data: bytes | ManifestTail, digest: str | None = None) -> dict[str, Any] | None:
     """The metadata of canonical manifest bytes, without building an entry per file.
 
     A million-sample dataset's manifest has a million entries; turning them into objects takes
@@ -141,8 +175,15 @@ def peek_metadata(data: bytes, digest: str | None = None) -> dict[str, Any]:
     sample table. Canonical JSON sorts keys, so ``metadata`` is the document's last member: the
     one ``,"metadata":`` whose value ends exactly one byte before the document does (a key of
     that name nested inside the metadata would be followed by at least two closing braces).
+
+    Given a ``ManifestTail`` (already checked against its digest) that is not the whole
+    manifest, returns None when the metadata does not fit in it.
     """
-    _check_bytes(data, digest)
+    if isinstance(data, ManifestTail):
+        data, whole = data.data, data.whole
+    else:
+        _check_bytes(data, digest)
+        whole = True
     decoder = json.JSONDecoder()
     end = len(data) - 1
     if data.endswith(b"}"):
@@ -158,18 +199,26 @@ def peek_metadata(data: bytes, digest: str | None = None) -> dict[str, Any]:
                 _check_tail(data, position, digest)
                 return value
             position = data.rfind(_METADATA_KEY, 0, position)
+        if not whole:
+            return None
         _check_tail(data, end, digest)  # a manifest without metadata
         return {}
     raise StoreCorruptError(f"manifest {digest} is not a JSON object")
 
 
-def peek_entry(data: bytes, path: str, digest: str | None = None) -> FileEntry | None:
+def peek_entry(
+    data: bytes | ManifestTail, path: str, digest: str | None = None
+) -> FileEntry | None:
     """One file's entry from canonical manifest bytes (None if absent), found by its key.
 
     Entries are the members of ``files``, the first key of the document, each preceded by
-    ``{"files":{`` (the first) or by the closing brace of the entry before it.
+    ``{"files":{`` (the first) or by the closing brace of the entry before it. In a
+    ``ManifestTail`` that is not the whole manifest, None means "not in these bytes".
     """
-    _check_bytes(data, digest)
+    if isinstance(data, ManifestTail):
+        data = data.data
+    else:
+        _check_bytes(data, digest)
     key = json.dumps(path, ensure_ascii=False).encode("utf-8") + b':{"digest":'
     decoder = json.JSONDecoder()
     position = data.find(key)
@@ -185,7 +234,9 @@ def peek_entry(data: bytes, path: str, digest: str | None = None) -> FileEntry |
                 )
                 check_digest(entry.digest)
             except (ValueError, KeyError, TypeError, TesseraError) as e:
-                raise StoreCorruptError(f"manifest {digest} is malformed at {path!r}: {e}") from None
+                raise StoreCorruptError(
+                    f"manifest {digest} is malformed at {path!r}: {e}"
+                ) from None
             return entry
         position = data.find(key, position + 1)
     return None
@@ -193,10 +244,13 @@ def peek_entry(data: bytes, path: str, digest: str | None = None) -> FileEntry |
 
 def _check_bytes(data: bytes, digest: str | None) -> None:
     if digest is not None and hash_bytes(data) != digest:
-        raise StoreCorruptError(
-            f"manifest {digest} does not hash to its name; the store is damaged — "
-            "run `tessera verify`"
-        )
+        raise _not_its_digest(digest)
+
+
+def _not_its_digest(digest: str) -> StoreCorruptError:
+    return StoreCorruptError(
+        f"manifest {digest} does not hash to its name; the store is damaged — run `tessera verify`"
+    )
 
 
 def _check_tail(data: bytes, end: int, digest: str | None) -> None:
