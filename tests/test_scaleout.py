@@ -176,3 +176,20 @@ def test_migrate_store_to_postgres_and_s3(tmp_path, postgres, s3_env):
             assert (folder / original.relative_to(src)).read_bytes() == original.read_bytes()
         (run,) = store.runs("m")
         assert store.history(run.id)["loss"] == [(0, 0.5)]
+
+
+def test_the_store_marker_never_records_a_catalog_password(tmp_path, postgres, monkeypatch):
+    """A catalog URL given with a password works, but the folder's tessera.json keeps the URL
+    without it: later opens get the password from $TESSERA_CATALOG, $PGPASSWORD or ~/.pgpass
+    (this server trusts local connections, so the reopen below needs none)."""
+    url = postgres.new_database().replace("postgres@", "postgres:not-on-disk@")
+    monkeypatch.setenv("TESSERA_CATALOG", url)
+    store = tmp_path / "pg-store"
+    with tessera.init(project="p", dir=store) as run:
+        run.log({"x": 1.0})
+    marker = (store / "tessera.json").read_text()
+    assert "not-on-disk" not in marker
+    assert url.replace(":not-on-disk", "") in marker
+    monkeypatch.delenv("TESSERA_CATALOG")
+    with tessera.open_store(store) as browser:
+        assert [r.name for r in browser.runs("p")] == [run.name]

@@ -123,12 +123,27 @@ def open_blob_store(url: str, root: Path) -> Any:
 def _write_marker(root: Path, catalog: str | None, blobs: str | None) -> None:
     doc: dict[str, Any] = {"format": STORE_FORMAT}
     if catalog:
-        doc["catalog"] = catalog
+        doc["catalog"] = _without_password(catalog)
     if blobs:
         doc["blobs"] = blobs
     temp = root / f"{MARKER}.tmp"
     temp.write_text(json.dumps(doc) + "\n")
     os.replace(temp, root / MARKER)
+
+
+def _without_password(url: str) -> str:
+    """The catalog URL to record in the marker: never its password, which would then sit in a
+    plain file beside the store. Later opens take it from ``$TESSERA_CATALOG``, or libpq finds it
+    in ``$PGPASSWORD`` or ``~/.pgpass``."""
+    import sqlalchemy as sa
+
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        return url  # Catalog() refuses it with its own message
+    if parsed.password is None:
+        return url
+    return parsed._replace(password=None).render_as_string(hide_password=False)
 
 
 def _check_marker(marker: Path) -> dict[str, Any]:
