@@ -54,7 +54,11 @@ class AccessLog(logging.Handler):
 
 
 def blob_downloads(requests: list[tuple[str, str]]) -> list[str]:
-    return [path for method, path in requests if method == "GET" and "/blobs/" in path]
+    return [
+        path
+        for method, path in requests
+        if (method == "GET" and "/blobs/" in path) or path.startswith("/api/v1/blobs/fetch")
+    ]
 
 
 def tessera_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -230,20 +234,22 @@ def test_pull_fetches_only_missing_blobs_and_works_offline(world: World, tmp_pat
     w = world
     store = w.server.app.state.settings.dir
     elsewhere = tmp_path / "elsewhere"
-    with w.log.watch() as first:
-        out = tessera_cli("pull", "--dir", str(elsewhere), env=w.env)
+    before_stats = w.server.stats()
+    out = tessera_cli("pull", "--dir", str(elsewhere), env=w.env)
     versions = len(content(w.local, ["p", "p2"])["versions"])  # type: ignore[arg-type]
     assert f"pulled 3 runs and {versions} versions ({versions} new) of p, p2;" in out.stdout
-    downloads = blob_downloads(first)
-    assert len(downloads) == len(set(downloads))  # each blob fetched once
-    assert {d.rsplit("/", 1)[1] for d in downloads} == server_blobs(store)
+    # each blob fetched once: as many sent as the server holds, and all of them arrived
+    assert delta(w.server.stats(), before_stats)["blobs_sent"] == len(server_blobs(store))
+    assert f"fetched {len(server_blobs(store))} blobs" in out.stdout
     assert server_blobs(elsewhere) == server_blobs(store)
     assert content(elsewhere, ["p", "p2"]) == content(w.local, ["p", "p2"])
 
     before = state(elsewhere)
+    before_stats = w.server.stats()
     with w.log.watch() as second:
         out = tessera_cli("pull", "--dir", str(elsewhere), env=w.env)
     assert blob_downloads(second) == []
+    assert delta(w.server.stats(), before_stats)["blobs_sent"] == 0
     assert "(0 new)" in out.stdout and "fetched 0 blobs" in out.stdout
     assert state(elsewhere) == before
 
@@ -275,12 +281,15 @@ def test_a_cached_version_reads_no_blob_bytes_from_the_server(world: World, tmp_
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TESSERA_TOKEN", w.env["TESSERA_TOKEN"])
-        with w.log.watch() as cold:
-            first = read_everything()
-        wanted = project_blobs(w.local, "p")
-        downloads = {d.rsplit("/", 1)[1] for d in blob_downloads(cold)}
-        assert len(downloads) == 14 and downloads <= wanted  # 12 images, samples, manifest
+        before = w.server.stats()
+        first = read_everything()
+        sent = delta(w.server.stats(), before)["blobs_sent"]
+        cached = server_blobs(cache)
+        # 12 images, samples, manifest: each sent once, all of them p's
+        assert sent == len(cached) == 14 and cached <= project_blobs(w.local, "p")
+        before = w.server.stats()
         with w.log.watch() as warm:
             assert read_everything() == first
     assert blob_downloads(warm) == []
+    assert delta(w.server.stats(), before)["blobs_sent"] == 0
     assert any("/resolve" in path for _m, path in warm)  # it did ask the server (for the spec)

@@ -252,6 +252,41 @@ def test_reencoded_file_resolves_to_its_sample_by_pixels(tmp_path):
         assert added_kinds(store, before) == ["manifest", "parquet"]
 
 
+@both
+def test_images_bind_to_the_run_s_dataset_then_its_project_then_the_newest(tmp_path):
+    """An image held by several dataset versions binds a table to the version its run used,
+    not to a newer one with the same images, nor to another project's copy."""
+    store = tmp_path / "store"
+    with tessera.init(project="p", name="build", dir=store) as run:
+        v0, arrays = _small_dataset(run)
+        grown = tessera.Dataset("small", classes=["a", "b", "c"])  # v1: v0's images and more
+        for i, array in enumerate([*arrays, np.zeros((5, 6, 3), np.uint8)]):
+            grown.add(f"s{i}", array, i % 3)
+        v1 = run.log_dataset(grown)
+    with tessera.init(project="other", name="copy", dir=store) as run:
+        elsewhere = tessera.Dataset("small", classes=["a", "b", "c"])
+        for i, array in enumerate(arrays):
+            elsewhere.add(f"o{i}", array, i % 3)
+        newest = run.log_dataset(elsewhere)  # the newest version holding these images
+    assert newest.created_at >= v1.created_at >= v0.created_at
+
+    def logged_table(run: tessera.Run) -> tessera.TableVersion:
+        rows = [[tessera.Image(array)] for array in arrays[:3]]
+        return run.log_table("t", tessera.Table(columns=["image"], data=rows))
+
+    with tessera.init(project="p", name="eval-v0", dir=store) as run:
+        run.use_dataset("small:v0")
+        tv = logged_table(run)
+        assert tv.dataset.spec == v0.spec
+        assert tv.to_arrow().column("id").to_pylist() == ["s0", "s1", "s2"]
+    with tessera.init(project="p", name="no-dataset", dir=store) as run:
+        assert logged_table(run).dataset.spec == v1.spec  # its project's newest, not "other"'s
+    with tessera.init(project="other", name="there", dir=store) as run:
+        tv = logged_table(run)
+        assert tv.dataset.spec == newest.spec
+        assert tv.to_arrow().column("id").to_pylist() == ["o0", "o1", "o2"]
+
+
 # -- bad tables and images -----------------------------------------------------------------------
 
 

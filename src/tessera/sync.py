@@ -50,12 +50,18 @@ def sync(src: Backend, dst: Backend, projects: list[str] | None = None) -> SyncR
                 mapped[version.id] = same.id
                 report.versions += 1
                 continue
+            # A remote source downloads into its local cache (the manifest, then the blobs it
+            # names, in parallel); the destination then takes what it lacks. What crossed the
+            # network is the larger count: the downloads (pull: the cache is the destination,
+            # which then lacks nothing) or the uploads (push).
+            fetched, fetched_bytes = src.fetch([version.digest])
             manifest = src.read_manifest(version.digest)
             digests = sorted({version.digest, *manifest.stored_digests()})
-            src.fetch(digests)  # a remote source downloads in parallel, not blob by blob
+            more, more_bytes = src.fetch(digests)
+            fetched, fetched_bytes = fetched + more, fetched_bytes + more_bytes
             blobs, sent = dst.receive_blobs(project, digests, src.blob_path)
-            report.blobs_sent += blobs
-            report.bytes_sent += sent
+            report.blobs_sent += max(blobs, fetched)
+            report.bytes_sent += max(sent, fetched_bytes)
             record, created = dst.commit_version(
                 project=project,
                 name=version.artifact,

@@ -47,6 +47,9 @@ class Run:
         self._step = 0
         self._lock = threading.Lock()
         self._finished = False
+        # Dataset versions this run logged or used, latest last: an image cell of a table it
+        # logs is bound to a sample of one of these first (see Catalog.find_samples).
+        self._datasets: list[int] = []
         self.summary = RunSummary(self)
         self._stop_heartbeat = threading.Event()
         self._heartbeat = threading.Thread(
@@ -174,6 +177,7 @@ class Run:
             run_id=self.id,
             aliases=aliases,
         )
+        self._datasets.append(record.id)
         return DatasetVersion(self._backend, record, manifest, run=self)
 
     def use_dataset(self, spec: str) -> DatasetVersion:
@@ -183,6 +187,7 @@ class Run:
         if record.type != "dataset":  # check before recording the use: a refusal leaves no trace
             raise NotFoundError(f"{record.spec} is a {record.type!r} artifact, not a dataset")
         self._backend.record_use(self.id, record.id)
+        self._datasets.append(record.id)
         from tessera.api.dataset import DatasetVersion
 
         return DatasetVersion(self._backend, record, run=self)
@@ -195,7 +200,9 @@ class Run:
         check_name(name, "table")
         if not isinstance(table, Table):
             raise TypeError(f"log_table takes a tessera.Table, got {type(table).__name__}")
-        manifest, row, unmatched, new_bytes = store_table(self._backend, self.project, name, table)
+        manifest, row, unmatched, new_bytes = store_table(
+            self._backend, self.project, name, table, prefer=self._datasets
+        )
         digest = self._backend.put_manifest(self.project, manifest)
         record, _created = self._backend.commit_version(
             project=self.project,

@@ -166,10 +166,12 @@ def _is_media_cell(value: Any) -> bool:
 
 
 def store_table(
-    backend: Backend, project: str, name: str, table: Table
+    backend: Backend, project: str, name: str, table: Table, prefer: Sequence[int] = ()
 ) -> tuple[Manifest, TableRow, int, int]:
     """Resolve images, upload media and the Parquet file; return the manifest, the table row,
-    and the count and bytes of images stored as new media."""
+    and the count and bytes of images stored as new media. An image found in several dataset
+    versions is taken from one in ``prefer`` (the logging run's datasets) first, then from one
+    of ``project``, then from the newest."""
     if table._arrow is not None:
         arrow = table._arrow
         resolved = _Resolved({}, {}, None, None, 0)
@@ -181,7 +183,7 @@ def store_table(
             for i, _ in enumerate(table.columns)
             if any(_is_media_cell(v) for v in table.column_values(i))
         ]
-        resolved = _resolve_images(backend, table, media_columns)
+        resolved = _resolve_images(backend, table, media_columns, prefer, project)
         arrays: dict[str, pa.Array] = {}
         for i, column in enumerate(table.columns):
             if column in resolved.cells:
@@ -230,7 +232,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _resolve_images(backend: Backend, table: Table, media_columns: list[int]) -> _Resolved:
+def _resolve_images(
+    backend: Backend,
+    table: Table,
+    media_columns: list[int],
+    prefer: Sequence[int],
+    project: str,
+) -> _Resolved:
     """Find each image cell's stored original, else prepare it as new media."""
     cells: list[tuple[int, int, Any]] = []  # (column, row, value)
     for col in media_columns:
@@ -252,7 +260,7 @@ def _resolve_images(backend: Backend, table: Table, media_columns: list[int]) ->
 
     with ThreadPoolExecutor(8) as pool:
         digests = list(pool.map(digest_of, cells))
-        by_digest, _ = backend.find_samples([d for d, _ in digests if d], [])
+        by_digest, _ = backend.find_samples([d for d, _ in digests if d], [], prefer, project)
         # Files whose bytes no dataset holds may still be a re-encoding of a dataset image.
         missing_paths = [
             i for i, (d, _) in enumerate(digests) if d is not None and d not in by_digest
@@ -265,7 +273,7 @@ def _resolve_images(backend: Backend, table: Table, media_columns: list[int]) ->
             )
         )
     pixel_keys = [p for _, p in digests if p] + [info.pixels for info in probed.values()]
-    _, by_pixels = backend.find_samples([], pixel_keys)
+    _, by_pixels = backend.find_samples([], pixel_keys, prefer, project)
 
     spec_cache: dict[int, str] = {}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -199,9 +199,13 @@ class LocalBackend:
         return self.catalog.version_by_id(version_id)
 
     def find_samples(
-        self, digests: list[str], pixels: list[str]
+        self,
+        digests: list[str],
+        pixels: list[str],
+        prefer: Sequence[int] = (),
+        project: str | None = None,
     ) -> tuple[dict[str, SampleMatch], dict[str, SampleMatch]]:
-        return self.catalog.find_samples(digests, pixels)
+        return self.catalog.find_samples(digests, pixels, prefer=prefer, project=project)
 
     def table_row(self, version_id: int) -> TableRow | None:
         return self.catalog.table_row(version_id)
@@ -232,12 +236,14 @@ class LocalBackend:
     def blob_path(self, digest: str) -> Path | None:
         return self.store.blobs.local_path(digest)
 
-    def fetch(self, digests: list[str]) -> None:
-        """Make sure these blobs are readable as local files (a no-op for a folder store)."""
-        if self.store.blobs.local_root == self.store.root:
-            return
-        with ThreadPoolExecutor(16) as pool:
-            list(pool.map(self.store.blobs.local_path, set(digests)))
+    def fetch(self, digests: list[str]) -> tuple[int, int]:
+        """Make sure these blobs are readable as local files (a no-op for a folder store).
+        Returns (0, 0): copies from the store's own bucket into its cache are not transfers
+        to report (``HttpBackend.fetch`` counts its downloads)."""
+        if self.store.blobs.local_root != self.store.root:
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(self.store.blobs.local_path, set(digests)))
+        return 0, 0
 
     def local_root(self) -> Path | None:
         """The folder whose ``blobs/ab/cd/<digest>`` files may be read directly (the store

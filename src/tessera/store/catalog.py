@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -487,24 +487,18 @@ class Catalog:
                     .returning(t.versions.c.id)
                 ).scalar_one()
                 self._set_alias(conn, artifact.id, "latest", version_id)
-                conn.execute(
-                    t.version_blobs.insert(),
-                    [{"digest": d, "version_id": version_id} for d in sorted(blob_digests)],
+                _insert_many(
+                    conn,
+                    t.version_blobs,
+                    ("digest", "version_id"),
+                    ((d, version_id) for d in sorted(blob_digests)),
                 )
-                if samples:
-                    for start in range(0, len(samples), 50_000):
-                        conn.execute(
-                            t.samples_index.insert(),
-                            [
-                                {
-                                    "version_id": version_id,
-                                    "sample_id": s.sample_id,
-                                    "digest": s.digest,
-                                    "pixels": s.pixels,
-                                }
-                                for s in samples[start : start + 50_000]
-                            ],
-                        )
+                _insert_many(
+                    conn,
+                    t.samples_index,
+                    ("version_id", "sample_id", "digest", "pixels"),
+                    ((version_id, s.sample_id, s.digest, s.pixels) for s in samples or ()),
+                )
                 if table is not None:
                     conn.execute(
                         t.tables.insert().values(
@@ -701,37 +695,51 @@ class Catalog:
         return out
 
     def find_samples(
-        self, digests: list[str], pixels: list[str], projects: set[str] | None = None
+        self,
+        digests: list[str],
+        pixels: list[str],
+        projects: set[str] | None = None,
+        prefer: Sequence[int] = (),
+        project: str | None = None,
     ) -> tuple[dict[str, SampleMatch], dict[str, SampleMatch]]:
         """Dataset samples whose image has one of these content digests, or pixel digests.
 
-        Where several samples match, the newest dataset version wins; with ``projects``, only
-        versions of those projects are considered (the server passes what the caller may read).
+        Where several samples match, the first of these wins: a sample of a version in
+        ``prefer`` (the datasets the logging run used or logged), then one of a version of
+        ``project``, then the newest version. A table logged by a run that evaluated ``v0`` thus
+        binds to ``v0`` even once ``v1`` holds the same images, and never to another project's
+        copy when its own has them. With ``projects``, only versions of those projects are
+        considered (the server passes what the caller may read).
         """
         by_digest: dict[str, SampleMatch] = {}
         by_pixels: dict[str, SampleMatch] = {}
+        preferred = set(prefer)
         ix = t.samples_index
         with self.read() as conn:
             for column, wanted, out in (
                 (ix.c.digest, digests, by_digest),
                 (ix.c.pixels, pixels, by_pixels),
             ):
+                best: dict[str, tuple[tuple[bool, bool, int], SampleMatch]] = {}
                 unique = sorted(set(wanted))
                 for start in range(0, len(unique), 500):
                     query = (
-                        sa.select(ix.c.version_id, ix.c.sample_id, ix.c.digest, column)
+                        sa.select(
+                            ix.c.version_id, ix.c.sample_id, ix.c.digest, column, t.projects.c.name
+                        )
+                        .join(t.versions, t.versions.c.id == ix.c.version_id)
+                        .join(t.artifacts, t.artifacts.c.id == t.versions.c.artifact_id)
+                        .join(t.projects, t.projects.c.id == t.artifacts.c.project_id)
                         .where(column.in_(unique[start : start + 500]))
-                        .order_by(ix.c.version_id)
                     )
                     if projects is not None:
-                        query = (
-                            query.join(t.versions, t.versions.c.id == ix.c.version_id)
-                            .join(t.artifacts, t.artifacts.c.id == t.versions.c.artifact_id)
-                            .join(t.projects, t.projects.c.id == t.artifacts.c.project_id)
-                            .where(t.projects.c.name.in_(sorted(projects)))
-                        )
+                        query = query.where(t.projects.c.name.in_(sorted(projects)))
                     for row in conn.execute(query):
-                        out[row[3]] = SampleMatch(row.version_id, row.sample_id, row.digest)
+                        key = row[3]
+                        rank = (row.version_id in preferred, row.name == project, row.version_id)
+                        if key not in best or rank > best[key][0]:
+                            best[key] = rank, SampleMatch(row.version_id, row.sample_id, row.digest)
+                out.update((key, match) for key, (_rank, match) in best.items())
         return by_digest, by_pixels
 
     def version_by_digest(self, project: str, artifact: str, digest: str) -> VersionRecord | None:
@@ -1041,16 +1049,26 @@ class AuthCatalog:
 
     def blob_projects(self, digest: str) -> set[str]:
         """Projects with a version that needs this blob."""
+        return self.blobs_projects([digest]).get(digest, set())
+
+    def blobs_projects(self, digests: list[str]) -> dict[str, set[str]]:
+        """For each of these blobs, the projects with a version that needs it (one query per
+        500 digests; a digest no version names is absent)."""
+        out: dict[str, set[str]] = {}
+        unique = sorted(set(digests))
         with self.catalog.read() as conn:
-            rows = conn.execute(
-                sa.select(t.projects.c.name)
-                .distinct()
-                .join(t.artifacts, t.artifacts.c.project_id == t.projects.c.id)
-                .join(t.versions, t.versions.c.artifact_id == t.artifacts.c.id)
-                .join(t.version_blobs, t.version_blobs.c.version_id == t.versions.c.id)
-                .where(t.version_blobs.c.digest == digest)
-            ).all()
-        return {r[0] for r in rows}
+            for start in range(0, len(unique), 500):
+                rows = conn.execute(
+                    sa.select(t.version_blobs.c.digest, t.projects.c.name)
+                    .distinct()
+                    .join(t.artifacts, t.artifacts.c.project_id == t.projects.c.id)
+                    .join(t.versions, t.versions.c.artifact_id == t.artifacts.c.id)
+                    .join(t.version_blobs, t.version_blobs.c.version_id == t.versions.c.id)
+                    .where(t.version_blobs.c.digest.in_(unique[start : start + 500]))
+                )
+                for digest, project in rows:
+                    out.setdefault(digest, set()).add(project)
+        return out
 
 
 def _run_record(row: Any) -> RunRecord:
@@ -1077,6 +1095,32 @@ def _dialect_insert(conn: sa.Connection) -> Any:
     else:
         from sqlalchemy.dialects.sqlite import insert
     return insert
+
+
+def _insert_many(
+    conn: sa.Connection, table: sa.Table, columns: tuple[str, ...], rows: Iterable[tuple[Any, ...]]
+) -> None:
+    """Insert many rows in the connection's transaction: ``COPY`` on PostgreSQL, where an
+    executemany of a 10,000-file version's rows took most of a second in round trips; batched
+    executemany on SQLite (in-process, so it is already fast)."""
+    if conn.dialect.name == "postgresql":
+        from psycopg import sql
+
+        statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+            sql.Identifier(table.name), sql.SQL(", ").join(map(sql.Identifier, columns))
+        )
+        with conn.connection.driver_connection.cursor() as cursor, cursor.copy(statement) as copy:
+            for row in rows:
+                copy.write_row(row)
+        return
+    batch: list[dict[str, Any]] = []
+    for row in rows:
+        batch.append(dict(zip(columns, row, strict=True)))
+        if len(batch) == 50_000:
+            conn.execute(table.insert(), batch)
+            batch = []
+    if batch:
+        conn.execute(table.insert(), batch)
 
 
 def _insert_ignore(conn: sa.Connection, table: sa.Table, values: dict[str, Any]) -> Any:
