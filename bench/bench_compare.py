@@ -52,7 +52,7 @@ S3_FULL = Size(runs=10, samples=100_000, batch=50_000)
 S3_QUICK = Size(runs=3, samples=5_000, batch=5_000)
 
 # Builds the store through the public API and reports the time of each step.
-SETUP_CHILD = r'''
+SETUP_CHILD = r"""
 import numpy as np, tessera, time
 n, runs, batch, classes = ARGS["samples"], ARGS["runs"], ARGS["batch"], ARGS["classes"]
 rng = np.random.default_rng(ARGS["seed"])
@@ -97,10 +97,10 @@ for r in range(runs):
                 writer.add(ids[s:s + batch], pred=pred[s:s + batch], scores=scores[s:s + batch])
     rounds.append(time.perf_counter() - t)
 report({"add_s": add_s, "log_dataset_s": log_s, "rounds_s": rounds})
-'''
+"""
 
 # The floor of logging the dataset: the same PNG bytes, written to one file each.
-FLOOR_CHILD = r'''
+FLOOR_CHILD = r"""
 import io, os, time, numpy as np
 from PIL import Image
 n = ARGS["samples"]
@@ -128,10 +128,10 @@ for i, data in enumerate(pngs):
 os.sync()
 write_s = time.perf_counter() - t
 report({"encode_s": encode_s, "write_s": write_s, "bytes": sum(map(len, pngs))})
-'''
+"""
 
 # Every compare figure, timed in one process: construction first, then each query.
-COMPARE_CHILD = r'''
+COMPARE_CHILD = r"""
 import time, tessera
 t = time.perf_counter()
 c = tessera.compare("bench:latest", dir=ARGS.get("store"))
@@ -157,10 +157,10 @@ for name, call in calls.items():
 out["n_common"] = c.n_common
 c.close()
 report(out)
-'''
+"""
 
 # The reference: plain pandas/numpy over the same Parquet files.
-PANDAS_CHILD = r'''
+PANDAS_CHILD = r"""
 import time, numpy as np, pandas as pd, pyarrow.parquet as pq
 def metrics(samples, path, classes):
     preds = pd.read_parquet(path, columns=["id", "pred", "scores"])
@@ -194,10 +194,10 @@ t = time.perf_counter()
 samples = pd.read_parquet(ARGS["samples"], columns=["id", "label"])
 rows = [metrics(samples, path, ARGS["classes"]) for path in ARGS["predictions"]]
 report({"seconds": time.perf_counter() - t, "metrics": rows})
-'''
+"""
 
 # The Parquet blobs of the dataset and of every run, found through the public API (untimed).
-PATHS_CHILD = r'''
+PATHS_CHILD = r"""
 import tessera
 from tessera.api.dataset import DatasetVersion
 with tessera.compare("bench:latest", dir=ARGS.get("store")) as c:
@@ -208,7 +208,7 @@ with tessera.compare("bench:latest", dir=ARGS.get("store")) as c:
         "samples": backend.duckdb_source(samples),
         "predictions": [backend.duckdb_source(t.digest) for t in tables],
     })
-'''
+"""
 
 
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -397,7 +397,9 @@ def _local(workdir: Path, quick: bool) -> list[dict[str, Any]]:
 
 
 def _services() -> Any:
-    spec = importlib.util.spec_from_file_location("tessera_test_services", REPO / "tests/services.py")
+    spec = importlib.util.spec_from_file_location(
+        "tessera_test_services", REPO / "tests/services.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -412,7 +412,9 @@ def ui(
 
     root = Path(dir) if dir is not None else default_dir()
     Store.open(root).close()  # a clear error if there is no store there
-    err.print(f"serving {root.absolute()} on http://127.0.0.1:{port} (read-only, this machine only)")
+    err.print(
+        f"serving {root.absolute()} on http://127.0.0.1:{port} (read-only, this machine only)"
+    )
     serve_local(root, port)
 
 

@@ -49,7 +49,9 @@ class Principal:
 
     def require_user(self) -> UserRecord:
         if self.user is None:
-            raise NotSignedInError("this needs a token: run `tessera login URL` or set TESSERA_TOKEN")
+            raise NotSignedInError(
+                "this needs a token: run `tessera login URL` or set TESSERA_TOKEN"
+            )
         return self.user
 
     def roles(self) -> dict[str, str]:
