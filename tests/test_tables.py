@@ -287,6 +287,61 @@ def test_images_bind_to_the_run_s_dataset_then_its_project_then_the_newest(tmp_p
         assert tv.to_arrow().column("id").to_pylist() == ["o0", "o1", "o2"]
 
 
+@both
+def test_a_table_read_back_logs_again_with_no_image_bytes(tmp_path):
+    """The everyday loop: read a logged table with to_pandas(), keep some rows, log them. Its
+    ImageRef cells keep their samples (even where another sample has the same image), its
+    media cells their digests and captions, and nothing but a Parquet file and a manifest is
+    stored. An ImageRef edited to name a sample that lacks its image is refused."""
+    store = tmp_path / "store"
+    with tessera.init(project="p", name="eval", dir=store) as run:
+        dsv, arrays = _small_dataset(run)
+    with tessera.init(project="q", name="twins", dir=store) as run:
+        twin = tessera.Dataset("twins")  # two samples with the same image, in another project
+        twin.add("left", arrays[0])
+        twin.add("right", arrays[0])
+        twins = run.log_dataset(twin)
+    with tessera.init(project="p", name="eval", dir=store) as run:
+        run.use_dataset("small:v0")
+        stranger = np.full((3, 3), 9, np.uint8)
+        table = tessera.Table(columns=["image", "thumb", "pred"])
+        for i in range(5):
+            table.add_data(tessera.Image(arrays[i]), tessera.Image(stranger, caption=f"t{i}"), i)
+        with pytest.warns(tessera.UnmatchedImagesWarning):
+            first = run.log_table("eval", table)
+        frame = first.to_pandas()
+        assert frame["image"][0].id == "s0"
+        # A cell naming the twin "right", whose image "left" has too: the name is kept.
+        right = tessera.ImageRef(twins.image_digest("right"), twins.spec, "right", "mine")
+        kept = frame[frame["pred"] % 2 == 0].copy()
+        kept["image"] = [right, *kept["image"].tolist()[1:]]
+        kept = kept.drop(columns="id")
+        before = stored_blobs(store)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", tessera.UnmatchedImagesWarning)
+            again = run.log_table("eval-even", tessera.Table.from_pandas(kept))
+        assert added_kinds(store, before) == ["manifest", "parquet"]
+        back = again.to_pandas()
+        assert back["id"].tolist() == ["right", "s2", "s4"]  # "right", not its twin "left"
+        assert [(r.dataset, r.id) for r in back["image"]] == [
+            (twins.spec, "right"),
+            (dsv.spec, "s2"),
+            (dsv.spec, "s4"),
+        ]
+        assert again.dataset is None  # its first image column spans two dataset versions
+        assert [(r.digest, r.caption) for r in back["thumb"]] == [
+            (frame["thumb"][i].digest, f"t{i}") for i in (0, 2, 4)
+        ]
+        np.testing.assert_array_equal(back["thumb"][1].array(), stranger)
+
+        forged = kept.copy()
+        forged["image"] = [tessera.ImageRef(right.digest, dsv.spec, "s3", None)] * len(kept)
+        state = store_state(store)
+        with pytest.raises(tessera.TableError, match="names sample 's3' of p/small:v0, which"):
+            run.log_table("forged", tessera.Table.from_pandas(forged))
+        assert store_state(store) == state
+
+
 # -- bad tables and images -----------------------------------------------------------------------
 
 

@@ -186,11 +186,13 @@ def open_image(source: str | os.PathLike[str] | bytes) -> PILImage.Image:
         raise ImageError(f"{name} is not a readable image ({e})") from None
 
 
-def probe_file(path: str | os.PathLike[str]) -> FileImage:
-    """Decode an image file once: size, format and the pixel digest of ``np.asarray(image)``."""
+def probe_file(path: str | os.PathLike[str] | bytes) -> FileImage:
+    """Decode an image file (or its bytes) once: size, format and the pixel digest of
+    ``np.asarray(image)``."""
     image = open_image(path)
     pixels = canonical_pixels(image)
-    fmt = (image.format or Path(path).suffix.lstrip(".") or "unknown").lower()
+    suffix = "" if isinstance(path, bytes) else Path(path).suffix.lstrip(".")
+    fmt = (image.format or suffix or "unknown").lower()
     return FileImage(pixels.width, pixels.height, pixels.channels, fmt, pixels.digest())
 
 

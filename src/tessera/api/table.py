@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +23,7 @@ from PIL import Image as PILImage
 from tessera.api.artifact import ArtifactVersion
 from tessera.api.dataset import DatasetVersion, write_parquet
 from tessera.backend.base import Backend, Source
-from tessera.errors import NotFoundError, TesseraError
+from tessera.errors import DigestMismatchError, NotFoundError, TesseraError
 from tessera.media import (
     Pixels,
     canonical_pixels,
@@ -32,8 +32,9 @@ from tessera.media import (
     open_image,
     probe_file,
 )
+from tessera.names import parse_version_spec
 from tessera.store.catalog import SampleMatch, TableRow
-from tessera.store.hashing import hash_file
+from tessera.store.hashing import hash_bytes, hash_file
 from tessera.store.manifest import FileEntry, Manifest
 
 if TYPE_CHECKING:
@@ -155,11 +156,12 @@ class _Resolved:
     sample_ids: list[str | None] | None
     dataset_version_id: int | None
     unmatched: int
+    restored: set[str] = field(default_factory=set)  # media paths logged before, not new
 
 
 def _is_media_cell(value: Any) -> bool:
     return (
-        isinstance(value, Image)
+        isinstance(value, Image | ImageRef)
         or (isinstance(value, np.ndarray) and value.ndim >= 2)
         or (type(value).__module__.startswith("torch") and getattr(value, "ndim", 0) >= 2)
     )
@@ -220,7 +222,7 @@ def store_table(
     }
     manifest = Manifest.build([*media_entries, table_entry], metadata)
     row = TableRow(name, "table", resolved.dataset_version_id, arrow.num_rows)
-    new_bytes = sum(e.size for e in media_entries)
+    new_bytes = sum(e.size for e in media_entries if e.path not in resolved.restored)
     return manifest, row, resolved.unmatched, new_bytes
 
 
@@ -239,8 +241,13 @@ def _resolve_images(
     prefer: Sequence[int],
     project: str,
 ) -> _Resolved:
-    """Find each image cell's stored original, else prepare it as new media."""
-    cells: list[tuple[int, int, Any]] = []  # (column, row, value)
+    """Find each image cell's stored original, else prepare it as new media.
+
+    An ``ImageRef`` (a cell read back from a logged table) keeps the sample it names, once that
+    sample is checked to hold its image; one of another store's dataset, or of media, is matched
+    by its digest like a file, else logged as media again from its stored bytes. So a table read
+    with ``to_pandas()``, filtered and logged again stores no image bytes."""
+    cells: list[tuple[int, int, Image | ImageRef]] = []  # (column, row, value)
     for col in media_columns:
         for row, value in enumerate(table.column_values(col)):
             if value is None:
@@ -249,10 +256,13 @@ def _resolve_images(
                 raise TableError(
                     f"column {table.columns[col]!r} mixes images and {type(value).__name__} values"
                 )
-            cells.append((col, row, value if isinstance(value, Image) else Image(value)))
+            cells.append((col, row, value if isinstance(value, Image | ImageRef) else Image(value)))
+    by_ref = _named_samples(backend, [cell[2] for cell in cells])
 
-    def digest_of(item: tuple[int, int, Image]) -> tuple[str | None, str | None]:
+    def digest_of(item: tuple[int, int, Image | ImageRef]) -> tuple[str | None, str | None]:
         image = item[2]
+        if isinstance(image, ImageRef):
+            return image.digest, None
         if image.path is not None:
             return hash_file(image.path)[0], None
         assert image.pixels is not None
@@ -263,7 +273,9 @@ def _resolve_images(
         by_digest, _ = backend.find_samples([d for d, _ in digests if d], [], prefer, project)
         # Files whose bytes no dataset holds may still be a re-encoding of a dataset image.
         missing_paths = [
-            i for i, (d, _) in enumerate(digests) if d is not None and d not in by_digest
+            i
+            for i, (d, _) in enumerate(digests)
+            if d is not None and d not in by_digest and not isinstance(cells[i][2], ImageRef)
         ]
         probed = dict(
             zip(
@@ -286,17 +298,18 @@ def _resolve_images(
         table.columns[c]: [None] * len(table._rows) for c in media_columns
     }
     sources: dict[str, Source] = {}
+    restored: set[str] = set()  # sources of media ImageRefs: stored already
     unmatched = 0
     first_column = media_columns[0] if media_columns else None
     sample_ids: list[str | None] = [None] * len(table._rows)
     versions: set[int] = set()
     for i, ((col, row, image), (digest, pixels)) in enumerate(zip(cells, digests, strict=True)):
-        match: SampleMatch | None = None
-        if digest is not None:
+        match: SampleMatch | None = by_ref.get(i)
+        if match is None and digest is not None:
             match = by_digest.get(digest)
             if match is None and i in probed:
                 match = by_pixels.get(probed[i].pixels)
-        elif pixels is not None:
+        elif match is None and pixels is not None:
             match = by_pixels.get(pixels)
         if match is not None:
             cell = {
@@ -308,6 +321,11 @@ def _resolve_images(
             if col == first_column:
                 sample_ids[row] = match.sample_id
                 versions.add(match.version_id)
+        elif isinstance(image, ImageRef):  # media already: stored again under its digest
+            source = _stored_media_source(image, backend)
+            sources[source.path] = source
+            restored.add(source.path)
+            cell = {"digest": image.digest, "dataset": None, "id": None, "caption": image.caption}
         else:
             unmatched += 1
             source = _media_source(image, digest, probed.get(i))
@@ -326,6 +344,53 @@ def _resolve_images(
         sample_ids=sample_ids if has_ids else None,
         dataset_version_id=next(iter(versions)) if len(versions) == 1 else None,
         unmatched=unmatched,
+        restored=restored,
+    )
+
+
+def _named_samples(backend: Backend, values: list[Image | ImageRef]) -> dict[int, SampleMatch]:
+    """The dataset samples that ``ImageRef`` values name (by their index in ``values``), each
+    checked against its dataset version. A version this store lacks matches nothing here."""
+    wanted: dict[str, list[int]] = {}
+    for i, value in enumerate(values):
+        if isinstance(value, ImageRef) and value.dataset is not None and value.id is not None:
+            wanted.setdefault(value.dataset, []).append(i)
+    found: dict[int, SampleMatch] = {}
+    for spec, indexes in wanted.items():
+        try:
+            record = backend.resolve(parse_version_spec(spec), None)
+        except NotFoundError:
+            continue  # read from another store: matched by digest, or logged as media
+        if record.type != "dataset":
+            continue
+        version = DatasetVersion(backend, record)
+        for i in indexes:
+            ref = values[i]
+            assert isinstance(ref, ImageRef) and ref.id is not None
+            try:
+                stored = version.image_digest(ref.id)
+            except NotFoundError:
+                stored = None
+            if stored != ref.digest:
+                what = f"has image {stored}" if stored else "has no such sample"
+                raise TableError(
+                    f"{ref!r} names sample {ref.id!r} of {spec}, which {what}, not {ref.digest}; "
+                    "use the ImageRef values that to_pandas() returned, unchanged"
+                )
+            found[i] = SampleMatch(record.id, ref.id, ref.digest)
+    return found
+
+
+def _stored_media_source(ref: ImageRef, backend: Backend) -> Source:
+    """A media image read back from a table, as a source with its stored bytes and name: the
+    upload finds the blob present and stores nothing new."""
+    with (ref._backend or backend).open_blob(ref.digest) as f:
+        data = f.read()
+    if hash_bytes(data) != ref.digest:
+        raise DigestMismatchError(f"the stored bytes of {ref!r} do not hash to {ref.digest}")
+    info = probe_file(data)
+    return Source(
+        path=f"media/{ref.digest}{file_extension(info.format)}", data=data, media=info.media()
     )
 
 
@@ -340,8 +405,6 @@ def _media_source(image: Image, digest: str | None, probed: Any) -> Source:
         )
     assert image.pixels is not None
     png = image.pixels.encode_png()
-    from tessera.store.hashing import hash_bytes
-
     return Source(path=f"media/{hash_bytes(png)}.png", data=png, media=image.pixels.media())
 
 
