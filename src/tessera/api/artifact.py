@@ -21,7 +21,7 @@ from tessera.errors import (
 from tessera.jsonvalues import to_json
 from tessera.names import check_artifact_path, check_name
 from tessera.store.catalog import RunRecord, VersionRecord
-from tessera.store.hashing import CHUNK_SIZE, hash_file, new_hasher
+from tessera.store.hashing import file_pieces, hash_file, new_hasher
 from tessera.store.manifest import (
     FileEntry,
     Manifest,
@@ -337,7 +337,7 @@ def _copy_verified(src: BinaryIO, dest: Path, entry: FileEntry) -> None:
     hasher = new_hasher()
     try:
         with open(temp, "wb") as out:
-            while chunk := src.read(CHUNK_SIZE):
+            for chunk in file_pieces(src):
                 hasher.update(chunk)
                 out.write(chunk)
         if hasher.hexdigest() != entry.digest:

@@ -37,7 +37,7 @@ from tessera.store.catalog import (
     TableRow,
     VersionRecord,
 )
-from tessera.store.hashing import CHUNK_SIZE
+from tessera.store.hashing import CHUNK_SIZE, file_pieces
 from tessera.store.manifest import FileEntry, Manifest
 from tessera.wire import PACK_HEADER, TruncatedPackError, read_frames
 
@@ -516,8 +516,7 @@ class HttpBackend:
 def _file_chunks(path: Path) -> Callable[[], Iterator[bytes]]:
     def chunks() -> Iterator[bytes]:
         with open(path, "rb") as f:
-            while chunk := f.read(CHUNK_SIZE):
-                yield chunk
+            yield from file_pieces(f)
 
     return chunks
 

@@ -6,10 +6,12 @@ thread pool (blake3 releases the GIL while hashing, file reads release it too).
 
 from __future__ import annotations
 
+import io
 import mmap
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 
 import blake3
 
@@ -39,6 +41,24 @@ os.register_at_fork(after_in_child=_after_fork)
 
 def _threads() -> int:
     return 1 if _forked else blake3.blake3.AUTO
+
+
+def file_pieces(f: BinaryIO) -> Iterator[bytes]:
+    """The rest of an open file, in pieces of at most ``CHUNK_SIZE`` bytes.
+
+    A file smaller than a piece is read in one exact-sized call: ``f.read(CHUNK_SIZE)`` first
+    allocates the whole 8 MiB, which made reading a 20 KiB blob cost ~160 µs instead of ~17 µs
+    (a push or pull of 10,000 small blobs spent over a second of CPU on it)."""
+    try:
+        size = os.fstat(f.fileno()).st_size
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        size = None  # an in-memory file: its reads allocate what they return
+    if size is not None and size < CHUNK_SIZE:
+        if data := f.read():
+            yield data
+        return
+    while chunk := f.read(CHUNK_SIZE):
+        yield chunk
 
 
 def new_hasher() -> blake3.blake3:
