@@ -39,10 +39,10 @@ def api(srv: ThreadedServer) -> Iterator[httpx.Client]:
 
 
 def store_files(store: Path) -> set[str]:
-    """Every file under the store's blobs/ and tmp/ folders."""
+    """Every file under the store's blobs/, packs/ and tmp/ folders."""
     return {
         str(p.relative_to(store))
-        for folder in ("blobs", "tmp")
+        for folder in ("blobs", "packs", "tmp")
         for p in (store / folder).rglob("*")
         if p.is_file()
     }
@@ -164,6 +164,40 @@ def test_pack_stores_many_blobs_in_one_request(srv, api):
     # idempotent
     response = api.post(f"{API}/blobs/pack", params={"project": P}, content=pack(*frames))
     assert response.json() == {"received": 4, "stored": 0}
+
+
+def test_many_small_blobs_land_in_one_pack_file_and_read_back(srv, api):
+    """A pack upload of many new blobs costs the server one file, not one per blob; each blob
+    still reads back alone (with ranges), in a fetch, and through verify."""
+    from tessera.store.maintenance import verify
+
+    store = srv.app.state.settings.dir
+    files = {f"part-{i:02d}.bin": secrets.token_bytes(1000 + 37 * i) for i in range(40)}
+    before = store_files(store)
+    response, manifest_digest, digests = commit(api, "packed", files)
+    assert response.status_code == 200 and response.json()["created"], response.text
+    added = store_files(store) - before
+    packs = [f for f in added if f.startswith("packs/")]
+    assert len(packs) == 1 and sorted(added - set(packs)) == [
+        f"blobs/{manifest_digest[:2]}/{manifest_digest[2:4]}/{manifest_digest}"
+    ]
+    wanted = sorted(digests.values())
+    response = api.post(f"{API}/blobs/fetch", json={"digests": wanted})
+    assert response.status_code == 200, response.text
+    body, offset, got = response.content, 0, {}
+    while offset < len(body):
+        raw, size = FRAME.unpack_from(body, offset)
+        offset += FRAME.size
+        got[raw.decode()] = body[offset : offset + size]
+        offset += size
+    assert got == {digests[p]: data for p, data in files.items()}
+    one = digests["part-07.bin"]
+    ranged = api.get(f"{API}/blobs/{one}", headers={"Range": "bytes=10-19"})
+    assert ranged.status_code == 206 and ranged.content == files["part-07.bin"][10:20]
+    again = api.post(f"{API}/blobs/pack", params={"project": P}, content=pack(*got.items()))
+    assert again.json() == {"received": 40, "stored": 0}
+    assert [f for f in store_files(store) - before if f.startswith("packs/")] == packs
+    assert verify(srv.app.state.backend.store).ok
 
 
 def _corrupt_packs() -> Iterator[tuple[str, bytes, list[str]]]:

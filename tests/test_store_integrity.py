@@ -137,3 +137,79 @@ def test_reusing_an_old_orphan_renews_it_so_gc_keeps_it(tmp_path, store_dir):
     _log(store_dir, src)  # now referenced again, the blob is reused, not rewritten
     assert time.time() - store.blobs.path_of(digest).stat().st_mtime < 60
     store.close()
+
+
+# -- pack files ---------------------------------------------------------------------------------
+
+
+def _packed(store, count, seed):
+    """``count`` blobs stored as one pack upload would be: [(digest, bytes)]."""
+    from tessera.store.hashing import hash_bytes
+
+    frames = [(hash_bytes(b), b) for b in (f"{seed}-{i}".encode() * 50 for i in range(count))]
+    assert store.blobs.put_pack(frames) == count
+    return frames
+
+
+def test_packed_blobs_read_like_loose_ones_and_verify_checks_them(tmp_path, store_dir):
+    """Many blobs received together become one pack file: readable by every reader (from a
+    second process's view too), copied out as a file for path readers, listed once, and each
+    one's bytes checked by verify."""
+    from tessera.store.blobs import LocalBlobStore
+    from tessera.store.hashing import hash_bytes
+
+    store = Store.open(store_dir, create=True)
+    frames = _packed(store, 20, "a")
+    (pack,) = list((store_dir / "packs").iterdir())
+    assert blob_files(store_dir) == [] and pack.name.endswith(".pack")
+    assert hash_bytes(pack.read_bytes()) + ".pack" == pack.name  # named by its content
+    again = LocalBlobStore(store_dir)  # another process's view: finds the pack by itself
+    for digest, data in frames:
+        assert again.has(digest) and again.size(digest) == len(data)
+        assert again.read(digest) == data and again.hash_blob(digest) == digest
+    assert again.missing([d for d, _ in frames] + ["0" * 64]) == {"0" * 64}
+    assert store.blobs.put_pack(frames) == 0 and len(list((store_dir / "packs").iterdir())) == 1
+    first = frames[0][0]
+    path = again.local_path(first)  # copied out, for DuckDB and file responses
+    assert path.read_bytes() == frames[0][1] and blob_files(store_dir) == [path]
+    assert sorted(i.digest for i in again.list()) == sorted(d for d, _ in frames)
+    assert verify(store).ok
+
+    data = bytearray(pack.read_bytes())
+    offset = data.index(frames[5][1])
+    data[offset] ^= 1
+    os.chmod(pack, 0o644)
+    pack.write_bytes(bytes(data))
+    problems = "\n".join(verify(store).problems)
+    assert f"{frames[5][0]} is damaged" in problems
+    with pytest.raises(tessera.DigestMismatchError, match="in pack"):
+        LocalBlobStore(store_dir).local_path(frames[5][0])
+    store.close()
+
+
+def test_gc_deletes_a_pack_only_when_none_of_its_blobs_is_wanted(tmp_path, store_dir):
+    store = Store.open(store_dir, create=True)
+    garbage = _packed(store, 20, "g")
+    mixed = _packed(store, 20, "m")
+    wanted = tmp_path / "src"
+    wanted.mkdir()
+    (wanted / "kept.bin").write_bytes(mixed[3][1])  # a version now needs one packed blob
+    _log(store_dir, wanted)
+    packs = sorted((store_dir / "packs").iterdir())
+    for pack in packs:
+        _age(pack, 7200)
+    for path in blob_files(store_dir):
+        _age(path, 7200)
+
+    dry = gc(store, 3600, dry_run=True)
+    assert (dry.deleted_blobs, dry.packed_garbage) == (20, 19)
+    assert len(list((store_dir / "packs").iterdir())) == 2
+    report = gc(store, 3600)
+    assert (report.deleted_blobs, report.packed_garbage) == (20, 19)
+    assert report.deleted_bytes == sum(len(b) for _, b in garbage)
+    (left,) = list((store_dir / "packs").iterdir())  # the one that holds the wanted blob
+    assert left in packs
+    assert not any(store.blobs.has(d) for d, _ in garbage)
+    assert all(store.blobs.has(d) for d, _ in mixed)
+    assert verify(store).ok
+    store.close()

@@ -208,6 +208,12 @@ def gc_command(
             if report.young_garbage
             else ""
         )
+        + (
+            f"; {report.packed_garbage} unreferenced blobs stay in pack files that still hold "
+            "referenced ones"
+            if report.packed_garbage
+            else ""
+        )
     )
 
 

@@ -237,12 +237,14 @@ class LocalBackend:
         return self.store.blobs.local_path(digest)
 
     def fetch(self, digests: list[str]) -> tuple[int, int]:
-        """Make sure these blobs are readable as local files (a no-op for a folder store).
-        Returns (0, 0): copies from the store's own bucket into its cache are not transfers
-        to report (``HttpBackend.fetch`` counts its downloads)."""
-        if self.store.blobs.local_root != self.store.root:
+        """Make sure these blobs are readable as local files: downloaded into the cache from
+        a bucket, copied out of pack files in a folder (nothing to do for a folder without
+        packs). Returns (0, 0): such copies are not transfers to report (``HttpBackend.fetch``
+        counts its downloads)."""
+        blobs = self.store.blobs
+        if blobs.local_root != self.store.root or blobs.has_packs():
             with ThreadPoolExecutor(16) as pool:
-                list(pool.map(self.store.blobs.local_path, set(digests)))
+                list(pool.map(blobs.local_path, set(digests)))
         return 0, 0
 
     def local_root(self) -> Path | None:

@@ -7,6 +7,7 @@ when every blob it names is present.
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 from collections.abc import Iterator
@@ -35,7 +36,7 @@ from tessera.runtime import ProcessIdentity
 from tessera.server.auth import Principal, hash_token, new_token
 from tessera.store import Store
 from tessera.store.catalog import AuthCatalog, RunRecord
-from tessera.store.hashing import CHUNK_SIZE, check_digest, hash_bytes, new_hasher
+from tessera.store.hashing import check_digest, file_pieces, new_hasher
 from tessera.wire import PACK_HEADER, TruncatedPackError, read_frames
 
 DEFAULT_MAX_BLOB_BYTES = 64 * 1024**3
@@ -397,15 +398,16 @@ def create_app(settings: Settings) -> FastAPI:
                 if caller.anonymous and not settings.public_read:
                     caller.require_user()
                 raise NotFoundError(f"no blob {digest} in a project you may read")
-        paths = [backend.store.blobs.local_path(digest) for digest in body.digests]
-        counters.add(blobs_sent=len(paths))
+        blobs = backend.store.blobs
+        counters.add(blobs_sent=len(body.digests))
 
         def frames() -> Iterator[bytes]:
-            for digest, path in zip(body.digests, paths, strict=True):
-                with open(path, "rb") as f:
-                    yield PACK_HEADER.pack(digest.encode(), os.fstat(f.fileno()).st_size)
-                    while chunk := f.read(CHUNK_SIZE):
-                        yield chunk
+            # Opened one at a time (a packed blob is read from its pack); the size comes from
+            # the open blob, not from another request to the bucket.
+            for digest in body.digests:
+                with blobs.open(digest) as f:
+                    yield PACK_HEADER.pack(digest.encode(), _open_size(f))
+                    yield from file_pieces(f)
 
         return StreamingResponse(frames(), media_type="application/octet-stream")
 
@@ -673,32 +675,18 @@ def _parse_pack(body: bytes, limit: int) -> list[tuple[str, bytes]]:
     return frames
 
 
-_PACK_STORE_LOCK = threading.Lock()
+def _open_size(f: Any) -> int:
+    try:
+        return os.fstat(f.fileno()).st_size
+    except io.UnsupportedOperation:  # an in-memory blob (read from a pack)
+        return len(f.getbuffer())
 
 
 def _store_pack(backend: LocalBackend, frames: list[tuple[str, bytes]]) -> int:
-    """Store every frame in one batch; a frame whose bytes do not hash to its digest aborts
-    the batch, so nothing of the pack is stored. Returns how many blobs were new.
-
-    Each frame is hashed once, then reused (touched) or written: the batch's own check, so a
-    new blob costs no extra existence probe (on S3, no extra request).
-
-    One pack's frames are written at a time: that loop is a run of short system calls, each of
-    which drops the GIL, so several at once spent more CPU handing the GIL and folder locks back
-    and forth (futex and mkdir contention) than on the blobs themselves. The batch's commit
-    (syncs and renames) runs outside the lock, so one pack's sync waits while the next is
-    written."""
-    with backend.store.blobs.batch() as batch:
-        with _PACK_STORE_LOCK:
-            for digest, data in frames:
-                try:
-                    batch.put_bytes(data, digest)
-                except DigestMismatchError:
-                    raise DigestMismatchError(
-                        f"a packed blob announced as {digest} hashes to {hash_bytes(data)}; "
-                        "nothing was stored"
-                    ) from None
-        return len(batch.new_digests)
+    """Store a pack upload's blobs; a frame whose bytes do not hash to its digest refuses them
+    all. Returns how many blobs were new. A folder store keeps them as one pack file (a file
+    per 20 KiB blob cost the file system more than receiving it), a bucket as objects."""
+    return backend.store.blobs.put_pack(frames)
 
 
 def _hash_and_write(hasher: Any, fd: int, chunks: list[bytes]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import io
 import os
 import random
 import threading
@@ -24,8 +25,12 @@ from typing import BinaryIO, Protocol
 
 from tessera.errors import DigestMismatchError, StoreCorruptError
 from tessera.store.hashing import CHUNK_SIZE, check_digest, hash_bytes, hash_file, new_hasher
+from tessera.store.packs import PackedBlob, PackIndex, build_pack, check_frames, read_packed
 
 _BLOB_MODE = 0o444
+# Fewer new blobs than this in one pack upload are stored as loose files: a pack of a handful
+# saves little and leaves more packs for gc to weigh.
+PACK_MIN_BLOBS = 16
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,9 @@ def _syncfs(fd: int) -> bool:
 
 
 class LocalBlobStore:
-    """Blobs in ``root/blobs/ab/cd/<digest>``, temporary files in ``root/tmp``."""
+    """Blobs in ``root/blobs/ab/cd/<digest>`` (loose) or in ``root/packs/<digest>.pack``
+    (many small blobs received at once, see ``tessera.store.packs``), temporary files in
+    ``root/tmp``. A loose file is always looked for first."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -86,6 +93,8 @@ class LocalBlobStore:
         self._blob_prefix = str(self.blob_dir)
         self.tmp_dir = root / "tmp"
         self._tmp_prefix = str(self.tmp_dir)
+        self.pack_dir = root / "packs"
+        self.packs = PackIndex(self.pack_dir)
 
     def create(self) -> None:
         self.blob_dir.mkdir(parents=True, exist_ok=True)
@@ -102,7 +111,32 @@ class LocalBlobStore:
         return f"{self._blob_prefix}/{digest[:2]}/{digest[2:4]}/{digest}"
 
     def local_path(self, digest: str) -> Path:
-        return self.path_of(digest)
+        """The blob as a file of its own. A packed blob is copied out first (made durable
+        before it takes its name, as every blob is), for readers that need a path: DuckDB,
+        file responses, loaders that open files by digest."""
+        path = self.path_text(digest)
+        if not os.path.exists(path):
+            packed = self.packs.find(digest)
+            if packed is not None:
+                self._unpack(digest, packed)
+        return Path(path)
+
+    def has_packs(self) -> bool:
+        return bool(self.packs.packs())
+
+    def _unpack(self, digest: str, packed: PackedBlob) -> None:
+        data = read_packed(packed)
+        if hash_bytes(data) != digest:
+            raise DigestMismatchError(
+                f"blob {digest} in pack {packed.pack} is damaged; run `tessera verify`"
+            )
+        fd, temp = self._new_temp()
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)  # one blob: fsync it alone rather than sync the file system
+        finally:
+            os.close(fd)
+        self._place(temp, digest)
 
     @property
     def local_root(self) -> Path:
@@ -110,34 +144,59 @@ class LocalBlobStore:
         return self.root
 
     def duckdb_path(self, digest: str) -> str:
-        return str(self.path_of(digest))
+        return str(self.local_path(digest))
 
     def hash_blob(self, digest: str) -> str:
-        return hash_file(self.path_of(digest))[0]
+        try:
+            return hash_file(self.path_of(digest))[0]
+        except FileNotFoundError:
+            packed = self.packs.find(digest)
+            if packed is None:
+                raise
+            return hash_bytes(read_packed(packed))
 
     def mtime(self, digest: str) -> float | None:
+        """When the blob was last written or renewed (a packed blob: its pack)."""
         try:
             return self.path_of(digest).stat().st_mtime
         except FileNotFoundError:
-            return None
+            packed = self.packs.find(digest)
+            if packed is None:
+                return None
+            try:
+                return os.stat(packed.pack).st_mtime
+            except FileNotFoundError:
+                return None
 
     def has(self, digest: str) -> bool:
-        return os.path.exists(self.path_text(digest))
+        return os.path.exists(self.path_text(digest)) or digest in self.packs
 
     def missing(self, digests: Iterable[str]) -> set[str]:
-        return {d for d in set(digests) if not self.has(d)}
+        absent = {d for d in set(digests) if not self.has(d)}
+        if absent and self.packs.refresh(force=True):  # see PackIndex.refresh
+            absent = {d for d in absent if d not in self.packs}
+        return absent
 
     def size(self, digest: str) -> int:
         try:
             return self.path_of(digest).stat().st_size
         except FileNotFoundError:
-            raise self._missing(digest) from None
+            packed = self.packs.find(digest)
+            if packed is None:
+                raise self._missing(digest) from None
+            return packed.size
 
     def open(self, digest: str) -> BinaryIO:
         try:
             return open(self.path_of(digest), "rb")
         except FileNotFoundError:
-            raise self._missing(digest) from None
+            packed = self.packs.find(digest)
+            if packed is None:
+                raise self._missing(digest) from None
+            try:
+                return io.BytesIO(read_packed(packed))  # packed blobs are small
+            except FileNotFoundError:
+                raise self._missing(digest) from None
 
     def read(self, digest: str) -> bytes:
         with self.open(digest) as f:
@@ -166,6 +225,25 @@ class LocalBlobStore:
                     if name[:2] != first.name or name[2:4] != second.name:
                         name = f"{first.name}/{second.name}/{name}"
                     yield BlobInfo(name, st.st_size, st.st_mtime)
+        yield from self._list_packed()
+
+    def _list_packed(self) -> Iterator[BlobInfo]:
+        """Packed blobs that have no loose copy; a pack whose index is unreadable is listed
+        under its path (not a digest), so verify reports it and gc leaves it alone."""
+        mtimes: dict[str, float] = {}
+        for digest, packed in sorted(self.packs.items()):
+            if os.path.exists(self.path_text(digest)):
+                continue
+            if packed.pack not in mtimes:
+                try:
+                    mtimes[packed.pack] = os.stat(packed.pack).st_mtime
+                except FileNotFoundError:
+                    continue
+            yield BlobInfo(digest, packed.size, mtimes[packed.pack])
+        for name in sorted(self.packs.broken):
+            with suppress(FileNotFoundError):
+                st = os.stat(self.pack_dir / name)
+                yield BlobInfo(f"packs/{name}", st.st_size, st.st_mtime)
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -192,17 +270,96 @@ class LocalBlobStore:
         with self.batch() as b:
             return b.put_stream(chunks, expected)
 
+    def put_pack(self, frames: list[tuple[str, bytes]]) -> int:
+        """Store many (digest, bytes) blobs received together; returns how many were new.
+
+        Every blob is hashed first, and one that does not match its digest refuses the lot.
+        Blobs already stored are renewed (as ``LocalWriteBatch.reuse`` does, for gc); the new
+        ones go into one pack file — a single write, sync and rename however many there are —
+        or, when there are only a few, into loose files."""
+        check_frames(frames)
+        new: dict[str, bytes] = {}
+        for digest, data in frames:
+            if digest not in new and not self.touch(digest):
+                new[digest] = data
+        if len(new) < PACK_MIN_BLOBS:
+            with self.batch() as batch:
+                for digest, data in new.items():
+                    batch.put_bytes(data, digest)
+            return len(new)
+        body, name, where = build_pack(list(new.items()))
+        # One file: fsync it alone. syncfs (what a batch of loose blobs uses) would also wait
+        # for every other upload's dirty pages, and several packs arrive at once.
+        fd, temp = self._new_temp()
+        try:
+            try:
+                _write_all(fd, body)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self.pack_dir.mkdir(exist_ok=True)
+            final = self.pack_dir / f"{name}.pack"
+            os.replace(temp, final)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        # The name must be durable before the catalog may point at the blobs.
+        _fsync_folder(self.pack_dir)
+        self.packs.add(final.name, {d: PackedBlob(str(final), *at) for d, at in where.items()})
+        return len(new)
+
     def touch(self, digest: str) -> bool:
-        """Renew a blob's mtime; False if the blob does not exist."""
+        """Renew a blob's mtime (a packed blob's: its pack's); False if it does not exist."""
         try:
             os.utime(self.path_text(digest))
             return True
         except FileNotFoundError:
-            return False
+            packed = self.packs.find(digest)
+            if packed is None:
+                return False
+            try:
+                os.utime(packed.pack)
+                return True
+            except FileNotFoundError:
+                return False
+
+    def delete_many(self, digests: set[str], dry_run: bool = False) -> set[str]:
+        """Delete these blobs where that frees them entirely; return those deleted.
+
+        A loose file goes at once. A pack goes when every blob in it is being deleted or has
+        a loose copy; a pack that still holds a wanted blob is kept whole (its other blobs stay
+        readable and are deleted with it later)."""
+        gone: set[str] = set()
+        for digest in digests:
+            path = self.path_text(digest)
+            if os.path.exists(path):
+                if not dry_run:
+                    with suppress(FileNotFoundError):
+                        os.unlink(path)
+                gone.add(digest)
+        by_pack: dict[str, list[str]] = {}
+        for digest, packed in self.packs.items():
+            by_pack.setdefault(packed.pack, []).append(digest)
+        kept_in_packs: set[str] = set()
+        removed_pack = False
+        for pack, members in by_pack.items():
+            if all(
+                d in digests or (d not in gone and os.path.exists(self.path_text(d)))
+                for d in members
+            ):
+                if not dry_run:
+                    with suppress(FileNotFoundError):
+                        os.unlink(pack)
+                    removed_pack = True
+            else:
+                kept_in_packs.update(members)
+        if removed_pack:
+            self.packs.forget()
+        packed = {d for members in by_pack.values() for d in members}
+        return {d for d in digests if d not in kept_in_packs and (d in gone or d in packed)}
 
     def delete(self, digest: str) -> None:
-        with suppress(FileNotFoundError):
-            os.unlink(self.path_of(digest))
+        self.delete_many({digest})
 
     def temp_files(self) -> Iterator[tuple[Path, float]]:
         """Leftover temporary files (from crashed writers) and their mtimes."""
@@ -364,6 +521,18 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[written:]
 
 
+def _fsync_folder(folder: Path) -> None:
+    """Make the names in ``folder`` durable (tolerating file systems that refuse it)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
 def _make_durable(directory: Path, files: list[Path]) -> None:
     """syncfs the file system once; fall back to fsync of each file and its folder."""
     fd = os.open(directory, os.O_RDONLY)
@@ -378,14 +547,7 @@ def _make_durable(directory: Path, files: list[Path]) -> None:
             os.fsync(f.fileno())
         folders.add(path.parent)
     for folder in folders:
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        except OSError as e:  # some file systems refuse fsync on folders
-            if e.errno not in (errno.EINVAL, errno.EBADF):
-                raise
-        finally:
-            os.close(dfd)
+        _fsync_folder(folder)
 
 
 def blob_age_ok(info: BlobInfo, grace_seconds: float, now: float | None = None) -> bool:

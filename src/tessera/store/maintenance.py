@@ -108,6 +108,7 @@ class GcReport:
     kept_blobs: int = 0
     young_garbage: int = 0  # unreferenced, but within the grace period
     deleted_temp_files: int = 0
+    packed_garbage: int = 0  # unreferenced, but in a pack file that still holds wanted blobs
     dry_run: bool = False
 
 
@@ -131,6 +132,7 @@ def gc(store: Store, grace_seconds: float, dry_run: bool = False) -> GcReport:
     report = GcReport(dry_run=dry_run)
     marked = referenced_digests(store)
     now = time.time()
+    doomed: dict[str, int] = {}  # unreferenced and older than the grace period: size
     for info in store.blobs.list():
         if not is_digest(info.digest):
             continue  # not ours to delete; verify reports it
@@ -148,10 +150,12 @@ def gc(store: Store, grace_seconds: float, dry_run: bool = False) -> GcReport:
         if now - mtime <= grace_seconds:
             report.young_garbage += 1
             continue
-        report.deleted_blobs += 1
-        report.deleted_bytes += info.size
-        if not dry_run:
-            store.blobs.delete(info.digest)
+        doomed[info.digest] = info.size
+    # Deleted together: a pack file goes only when none of its blobs is still wanted.
+    deleted = store.blobs.delete_many(set(doomed), dry_run=dry_run)
+    report.deleted_blobs = len(deleted)
+    report.deleted_bytes = sum(doomed[d] for d in deleted)
+    report.packed_garbage = len(doomed) - len(deleted)
     for temp, mtime in store.blobs.temp_files():
         if now - mtime > grace_seconds:
             report.deleted_temp_files += 1

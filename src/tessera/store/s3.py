@@ -28,6 +28,7 @@ from obstore.store import S3Store
 from tessera.errors import DigestMismatchError, StoreCorruptError, StoreFormatError
 from tessera.store.blobs import BlobInfo, LocalBlobStore
 from tessera.store.hashing import CHUNK_SIZE, check_digest, hash_bytes, is_digest, new_hasher
+from tessera.store.packs import check_frames
 
 ASK_FIRST_ABOVE = 1024 * 1024
 
@@ -171,6 +172,12 @@ class S3BlobStore:
             pass
         self.cache.delete(digest)
 
+    def delete_many(self, digests: set[str], dry_run: bool = False) -> set[str]:
+        if not dry_run:
+            for digest in digests:
+                self.delete(digest)
+        return set(digests)
+
     def touch(self, digest: str) -> bool:
         # S3 cannot renew an object's LastModified without rewriting it; see docs/decisions.md.
         return self.has(digest)
@@ -195,6 +202,15 @@ class S3BlobStore:
 
     def put_stream(self, chunks: Iterable[bytes], expected: str | None = None) -> tuple[str, int]:
         return S3WriteBatch(self).put_stream(chunks, expected)
+
+    def put_pack(self, frames: list[tuple[str, bytes]]) -> int:
+        """Store many (digest, bytes) blobs received together, one object each (a bucket has
+        no per-file cost to save); returns how many were new. A mismatch refuses the lot."""
+        check_frames(frames)
+        with self.batch() as batch:
+            for digest, data in frames:
+                batch.put_bytes(data, digest)
+            return len(batch.new_digests)
 
 
 class S3WriteBatch:
