@@ -213,3 +213,24 @@ def test_gc_deletes_a_pack_only_when_none_of_its_blobs_is_wanted(tmp_path, store
     assert all(store.blobs.has(d) for d, _ in mixed)
     assert verify(store).ok
     store.close()
+
+
+def test_a_commit_check_sees_a_pack_added_within_the_folder_s_mtime_tick(store_dir):
+    """Replicas share one folder: a pack that another process adds in the same clock tick as
+    this process's last look leaves packs/'s mtime unchanged. Lookups may miss it for a
+    moment; the presence check that guards a commit must not."""
+    from tessera.store.blobs import LocalBlobStore
+
+    writer = Store.open(store_dir, create=True)
+    _packed(writer, 20, "first")
+    reader = LocalBlobStore(store_dir)
+    assert reader.has_packs()  # the reader has looked at packs/
+    folder = store_dir / "packs"
+    seen = os.stat(folder).st_mtime_ns
+    frames = _packed(writer, 20, "second")
+    os.utime(folder, ns=(seen, seen))  # as if in the same tick
+    digests = [d for d, _ in frames]
+    assert not reader.has(digests[0])  # a plain lookup trusts the unchanged mtime
+    assert reader.missing(digests) == set()
+    assert reader.has(digests[0]) and reader.read(digests[0]) == frames[0][1]
+    writer.close()
