@@ -121,9 +121,14 @@ class LocalBackend:
         return getattr(self._fresh, "digests", set())
 
     def receive_blobs(
-        self, project: str, digests: list[str], source: Callable[[str], Path]
+        self,
+        project: str,
+        digests: list[str],
+        source: Callable[[str], Path],
+        sizes: dict[str, int] | None = None,
     ) -> tuple[int, int]:
-        """Copy in the blobs this store lacks from files ``source(digest)``; (count, bytes)."""
+        """Copy in the blobs this store lacks from files ``source(digest)``; (count, bytes).
+        ``sizes`` (what the manifest says) is not needed here: each file is read whole."""
         count = size = 0
         with self.store.blobs.batch() as batch:
             for digest in digests:
