@@ -184,6 +184,14 @@ def test_packed_blobs_read_like_loose_ones_and_verify_checks_them(tmp_path, stor
     assert f"{frames[5][0]} is damaged" in problems
     with pytest.raises(tessera.DigestMismatchError, match="in pack"):
         LocalBlobStore(store_dir).local_path(frames[5][0])
+
+    pack.write_bytes(bytes(data[:-5]))  # cut short: its trailer is gone, so is its index
+    fresh = Store.open(store_dir)
+    assert not fresh.blobs.has(frames[5][0])
+    assert f"stray file 'packs/{pack.name}'" in "\n".join(verify(fresh).problems)
+    assert gc(fresh, 0).deleted_blobs == 1  # the loose copy made above, unreferenced
+    assert pack.exists()  # a pack without an index is not gc's to delete
+    fresh.close()
     store.close()
 
 
