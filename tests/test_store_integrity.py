@@ -242,3 +242,35 @@ def test_a_commit_check_sees_a_pack_added_within_the_folder_s_mtime_tick(store_d
     assert reader.missing(digests) == set()
     assert reader.has(digests[0]) and reader.read(digests[0]) == frames[0][1]
     writer.close()
+
+
+def test_gc_keeps_what_was_reused_after_it_looked_and_readers_follow_its_deletions(store_dir):
+    """gc reads each file's mtime again just before deleting it, so a blob a writer reused
+    (renewed) since gc's scan survives, loose or packed. Another process that had indexed a
+    pack gc then deleted answers "missing", never stale bytes."""
+    from tessera.store.blobs import LocalBlobStore
+
+    store = Store.open(store_dir, create=True)
+    loose = store.blobs.put_bytes(b"an orphan, about to be reused")
+    reused = _packed(store, 20, "reused")
+    garbage = _packed(store, 20, "garbage")
+    reused_pack, garbage_pack = (store.blobs.packs.find(f[0][0]).pack for f in (reused, garbage))
+    for path in (store.blobs.path_of(loose), reused_pack, garbage_pack):
+        _age(path, 7200)
+    reader = LocalBlobStore(store_dir)
+    assert reader.read(garbage[0][0]) == garbage[0][1]  # indexed before gc runs
+
+    # What gc's scan found doomed, renewed before the deletion (as a writer's reuse does).
+    doomed = {loose, *(d for d, _ in reused), *(d for d, _ in garbage)}
+    assert store.blobs.touch(loose) and store.blobs.touch(reused[0][0])
+    deleted = store.blobs.delete_many(doomed, grace_seconds=3600)
+    assert deleted == {d for d, _ in garbage}
+    assert store.blobs.has(loose) and os.path.exists(reused_pack)
+    assert not os.path.exists(garbage_pack)
+
+    gone = garbage[3][0]
+    assert reader.missing([gone, reused[3][0]]) == {gone}
+    with pytest.raises(StoreCorruptError, match="missing"):
+        reader.open(gone)
+    assert reader.read(reused[3][0]) == reused[3][1]
+    store.close()

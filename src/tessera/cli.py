@@ -209,8 +209,8 @@ def gc_command(
             else ""
         )
         + (
-            f"; {report.packed_garbage} unreferenced blobs stay in pack files that still hold "
-            "referenced ones"
+            f"; kept {report.packed_garbage} more unreferenced blobs (in pack files that still "
+            "hold referenced ones, or reused while gc ran)"
             if report.packed_garbage
             else ""
         )

@@ -400,6 +400,10 @@ def create_app(settings: Settings) -> FastAPI:
                     caller.require_user()
                 raise NotFoundError(f"no blob {digest} in a project you may read")
         blobs = backend.store.blobs
+        if blobs.local_root != backend.store.root:
+            # A bucket: download into the cache first, so a missing object is a clean error
+            # before the response starts, not a stream cut short.
+            backend.fetch(body.digests)
         counters.add(blobs_sent=len(body.digests))
 
         def pieces() -> Iterator[bytes]:

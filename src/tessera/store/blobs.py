@@ -17,17 +17,18 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, TypeVar
 
 from tessera.errors import DigestMismatchError, StoreCorruptError
 from tessera.store.hashing import CHUNK_SIZE, check_digest, hash_bytes, hash_file, new_hasher
 from tessera.store.packs import PackedBlob, PackIndex, build_pack, check_frames, read_packed
 
 _BLOB_MODE = 0o444
+T = TypeVar("T")
 # Fewer new blobs than this in one pack upload are stored as loose files: a pack of a handful
 # saves little and leaves more packs for gc to weigh.
 PACK_MIN_BLOBS = 16
@@ -116,13 +117,43 @@ class LocalBlobStore:
         file responses, loaders that open files by digest."""
         path = self.path_text(digest)
         if not os.path.exists(path):
-            packed = self.packs.find(digest)
-            if packed is not None:
-                self._unpack(digest, packed)
+            self._from_pack(digest, lambda packed: self._unpack(digest, packed), sure=True)
         return Path(path)
 
     def has_packs(self) -> bool:
         return bool(self.packs.packs())
+
+    def pack_problems(self) -> list[str]:
+        """Packs whose bytes do not hash to their name (verify; every blob is checked too)."""
+        problems = []
+        for name in sorted(self.packs.packs()):
+            try:
+                actual = hash_file(self.pack_dir / name)[0]
+            except FileNotFoundError:
+                continue  # deleted meanwhile (gc)
+            if f"{actual}.pack" != name:
+                problems.append(f"packs: {name} is damaged (its bytes hash to {actual})")
+        return problems
+
+    def _from_pack(self, digest: str, use: Callable[[PackedBlob], T], sure: bool) -> T | None:
+        """``use`` applied to a pack that holds the blob; None if no pack does.
+
+        ``sure``: list ``packs/`` again before answering "none" (PackIndex.refresh). A pack
+        deleted since it was indexed (by gc, maybe in another process) sends the look-up to
+        the folder again: gc deletes a pack only once its wanted blobs have loose copies."""
+        for _ in range(2):
+            packed = self.packs.find(digest)
+            if packed is None and sure and self.packs.refresh(force=True):
+                packed = self.packs.find(digest)
+            if packed is None:
+                return None
+            try:
+                return use(packed)
+            except FileNotFoundError:
+                self.packs.refresh(force=True)
+                if os.path.exists(self.path_text(digest)):
+                    return None  # the loose copy gc kept: callers look there
+        return None
 
     def _unpack(self, digest: str, packed: PackedBlob) -> None:
         data = read_packed(packed)
@@ -136,7 +167,10 @@ class LocalBlobStore:
             os.fsync(fd)  # one blob: fsync it alone rather than sync the file system
         finally:
             os.close(fd)
-        self._place(temp, digest)
+        # Its name must be durable too: gc may delete the pack once this copy exists.
+        final = Path(self._place(temp, digest))
+        _fsync_folder(final.parent)
+        _fsync_folder(final.parent.parent)
 
     @property
     def local_root(self) -> Path:
@@ -150,53 +184,64 @@ class LocalBlobStore:
         try:
             return hash_file(self.path_of(digest))[0]
         except FileNotFoundError:
-            packed = self.packs.find(digest)
-            if packed is None:
-                raise
-            return hash_bytes(read_packed(packed))
+            found = self._from_pack(digest, lambda p: hash_bytes(read_packed(p)), sure=True)
+            if found is None:
+                return hash_file(self.path_of(digest))[0]  # a loose copy, or FileNotFoundError
+            return found
 
     def mtime(self, digest: str) -> float | None:
         """When the blob was last written or renewed (a packed blob: its pack)."""
         try:
             return self.path_of(digest).stat().st_mtime
         except FileNotFoundError:
-            packed = self.packs.find(digest)
-            if packed is None:
-                return None
-            try:
-                return os.stat(packed.pack).st_mtime
-            except FileNotFoundError:
-                return None
+            return self._from_pack(digest, lambda p: os.stat(p.pack).st_mtime, sure=False)
 
     def has(self, digest: str) -> bool:
+        """Whether the blob is stored. Quick, for the many look-ups of a write; an answer that
+        decides an outcome comes from ``missing``."""
         return os.path.exists(self.path_text(digest)) or digest in self.packs
 
     def missing(self, digests: Iterable[str]) -> set[str]:
-        absent = {d for d in set(digests) if not self.has(d)}
-        if absent and self.packs.refresh(force=True):  # see PackIndex.refresh
-            absent = {d for d in absent if d not in self.packs}
-        return absent
+        """The blobs not stored, with ``packs/`` listed afresh and every pack that answers
+        for a blob checked to still exist (gc in another process may have deleted it)."""
+        absent = {d for d in set(digests) if not os.path.exists(self.path_text(d))}
+        if not absent:
+            return absent
+        self.packs.refresh(force=True)
+        alive: dict[str, bool] = {}
+        out = set()
+        for digest in absent:
+            packed = self.packs.find(digest)
+            if packed is None or not alive.setdefault(packed.pack, os.path.exists(packed.pack)):
+                out.add(digest)
+        return out
 
     def size(self, digest: str) -> int:
         try:
             return self.path_of(digest).stat().st_size
         except FileNotFoundError:
-            packed = self.packs.find(digest)
-            if packed is None:
-                raise self._missing(digest) from None
-            return packed.size
+            pass
+        found = self._from_pack(digest, lambda p: (os.stat(p.pack), p.size)[1], sure=True)
+        if found is not None:
+            return found
+        try:
+            return self.path_of(digest).stat().st_size
+        except FileNotFoundError:
+            raise self._missing(digest) from None
 
     def open(self, digest: str) -> BinaryIO:
         try:
             return open(self.path_of(digest), "rb")
         except FileNotFoundError:
-            packed = self.packs.find(digest)
-            if packed is None:
-                raise self._missing(digest) from None
-            try:
-                return io.BytesIO(read_packed(packed))  # packed blobs are small
-            except FileNotFoundError:
-                raise self._missing(digest) from None
+            pass
+        # Packed blobs are small: read whole.
+        found = self._from_pack(digest, lambda p: io.BytesIO(read_packed(p)), sure=True)
+        if found is not None:
+            return found
+        try:
+            return open(self.path_of(digest), "rb")
+        except FileNotFoundError:
+            raise self._missing(digest) from None
 
     def read(self, digest: str) -> bytes:
         with self.open(digest) as f:
@@ -231,7 +276,7 @@ class LocalBlobStore:
         """Packed blobs that have no loose copy; a pack whose index is unreadable is listed
         under its path (not a digest), so verify reports it and gc leaves it alone."""
         mtimes: dict[str, float] = {}
-        for digest, packed in sorted(self.packs.items()):
+        for digest, packed in sorted(self.packs.items()):  # one location per digest
             if os.path.exists(self.path_text(digest)):
                 continue
             if packed.pack not in mtimes:
@@ -240,7 +285,7 @@ class LocalBlobStore:
                 except FileNotFoundError:
                     continue
             yield BlobInfo(digest, packed.size, mtimes[packed.pack])
-        for name in sorted(self.packs.broken):
+        for name in sorted(self.packs.broken):  # a frozenset, replaced whole
             with suppress(FileNotFoundError):
                 st = os.stat(self.pack_dir / name)
                 yield BlobInfo(f"packs/{name}", st.st_size, st.st_mtime)
@@ -314,39 +359,51 @@ class LocalBlobStore:
             os.utime(self.path_text(digest))
             return True
         except FileNotFoundError:
-            packed = self.packs.find(digest)
-            if packed is None:
-                return False
-            try:
-                os.utime(packed.pack)
-                return True
-            except FileNotFoundError:
-                return False
+            return bool(self._from_pack(digest, lambda p: os.utime(p.pack) or True, sure=False))
 
-    def delete_many(self, digests: set[str], dry_run: bool = False) -> set[str]:
+    def delete_many(
+        self, digests: set[str], dry_run: bool = False, grace_seconds: float = 0.0
+    ) -> set[str]:
         """Delete these blobs where that frees them entirely; return those deleted.
 
-        A loose file goes at once. A pack goes when every blob in it is being deleted or has
-        a loose copy; a pack that still holds a wanted blob is kept whole (its other blobs stay
-        readable and are deleted with it later)."""
+        Each file's mtime is read again just before it goes: one renewed within
+        ``grace_seconds`` (a writer reused a blob since gc looked, FORMAT.md §9.3) is kept. A
+        loose file goes on its own. A pack goes when every blob in it is being deleted or has a
+        loose copy that stays; a pack that holds any other blob is kept whole (its blobs stay
+        readable, and go with it later)."""
+
+        def renewed(path: str) -> bool | None:  # None: gone already
+            try:
+                return time.time() - os.stat(path).st_mtime <= grace_seconds
+            except FileNotFoundError:
+                return None
+
         gone: set[str] = set()
+        kept: set[str] = set()
         for digest in digests:
             path = self.path_text(digest)
-            if os.path.exists(path):
-                if not dry_run:
-                    with suppress(FileNotFoundError):
-                        os.unlink(path)
-                gone.add(digest)
-        by_pack: dict[str, list[str]] = {}
-        for digest, packed in self.packs.items():
-            by_pack.setdefault(packed.pack, []).append(digest)
+            state = renewed(path)
+            if state is None:
+                continue
+            if state:
+                kept.add(digest)
+                continue
+            if not dry_run:
+                with suppress(FileNotFoundError):
+                    os.unlink(path)
+            gone.add(digest)
+        packed: set[str] = set()
         kept_in_packs: set[str] = set()
         removed_pack = False
-        for pack, members in by_pack.items():
-            if all(
-                d in digests or (d not in gone and os.path.exists(self.path_text(d)))
+        for name, members in self.packs.packs().items():
+            packed.update(members)
+            pack = str(self.pack_dir / name)
+            free = all(
+                (d in digests and d not in kept)
+                or (d not in gone and os.path.exists(self.path_text(d)))
                 for d in members
-            ):
+            )
+            if free and renewed(pack) is False:
                 if not dry_run:
                     with suppress(FileNotFoundError):
                         os.unlink(pack)
@@ -354,9 +411,12 @@ class LocalBlobStore:
             else:
                 kept_in_packs.update(members)
         if removed_pack:
-            self.packs.forget()
-        packed = {d for members in by_pack.values() for d in members}
-        return {d for d in digests if d not in kept_in_packs and (d in gone or d in packed)}
+            self.packs.refresh(force=True)
+        return {
+            d
+            for d in digests
+            if d not in kept and d not in kept_in_packs and (d in gone or d in packed)
+        }
 
     def delete(self, digest: str) -> None:
         self.delete_many({digest})

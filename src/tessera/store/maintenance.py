@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from tessera import progress
-from tessera.errors import StoreCorruptError, TesseraError
+from tessera.errors import DigestMismatchError, StoreCorruptError, TesseraError
 from tessera.store import Store
 from tessera.store.hashing import is_digest
 from tessera.store.manifest import Manifest
@@ -85,6 +85,8 @@ def verify(store: Store, check_blob_contents: bool = True) -> VerifyReport:
         def check(digest: str) -> str | None:
             try:
                 actual = store.blobs.hash_blob(digest)
+            except DigestMismatchError as e:  # e.g. a pack cut short
+                return f"blobs: {digest}: {e}"
             except (FileNotFoundError, StoreCorruptError):
                 return None  # deleted meanwhile (gc); not a damage
             finally:
@@ -98,6 +100,7 @@ def verify(store: Store, check_blob_contents: bool = True) -> VerifyReport:
             ThreadPoolExecutor(4) as pool,
         ):
             report.problems.extend(p for p in pool.map(check, sorted(present)) if p)
+        report.problems.extend(store.blobs.pack_problems())
     return report
 
 
@@ -108,7 +111,9 @@ class GcReport:
     kept_blobs: int = 0
     young_garbage: int = 0  # unreferenced, but within the grace period
     deleted_temp_files: int = 0
-    packed_garbage: int = 0  # unreferenced, but in a pack file that still holds wanted blobs
+    # unreferenced and old, but kept: in a pack file that still holds wanted blobs, or reused
+    # (renewed) while gc ran
+    packed_garbage: int = 0
     dry_run: bool = False
 
 
@@ -142,17 +147,11 @@ def gc(store: Store, grace_seconds: float, dry_run: bool = False) -> GcReport:
         if now - info.mtime <= grace_seconds:
             report.young_garbage += 1
             continue
-        # Look once more: a version committed after the mark may have adopted this blob;
-        # adopting renews the blob's mtime (LocalWriteBatch.reuse).
-        mtime = store.blobs.mtime(info.digest)
-        if mtime is None:
-            continue
-        if now - mtime <= grace_seconds:
-            report.young_garbage += 1
-            continue
         doomed[info.digest] = info.size
-    # Deleted together: a pack file goes only when none of its blobs is still wanted.
-    deleted = store.blobs.delete_many(set(doomed), dry_run=dry_run)
+    # Deleted together, each file's mtime read once more just before it goes: a version
+    # committed after the mark may have adopted a blob, and adopting renews its mtime
+    # (LocalWriteBatch.reuse). A pack file goes only when none of its blobs is still wanted.
+    deleted = store.blobs.delete_many(set(doomed), dry_run=dry_run, grace_seconds=grace_seconds)
     report.deleted_blobs = len(deleted)
     report.deleted_bytes = sum(doomed[d] for d in deleted)
     report.packed_garbage = len(doomed) - len(deleted)

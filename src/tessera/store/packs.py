@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +68,8 @@ def build_pack(frames: list[tuple[str, bytes]]) -> tuple[bytes, str, dict[str, t
 
 
 def read_index(path: str) -> dict[str, PackedBlob]:
-    """A pack's blobs, from its trailer and index (two reads, whatever its size)."""
+    """A pack's blobs, from its trailer and index (two reads, whatever its size). An index
+    that points outside the frames makes the whole pack unreadable (StoreCorruptError)."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size < TRAILER.size:
@@ -77,29 +77,34 @@ def read_index(path: str) -> dict[str, PackedBlob]:
         f.seek(size - TRAILER.size)
         count, magic = TRAILER.unpack(f.read(TRAILER.size))
         index_size = count * INDEX_ENTRY.size
-        if magic != MAGIC or index_size > size - TRAILER.size:
-            raise StoreCorruptError(f"pack {path} has no valid trailer; `tessera verify` checks it")
-        f.seek(size - TRAILER.size - index_size)
+        frames_end = size - TRAILER.size - index_size
+        if magic != MAGIC or frames_end < 0:
+            raise StoreCorruptError(f"pack {path} has no valid trailer")
+        f.seek(frames_end)
         raw = f.read(index_size)
     out = {}
     for digest, offset, length in INDEX_ENTRY.iter_unpack(raw):
+        if offset < FRAME_HEADER.size or offset + length > frames_end:
+            raise StoreCorruptError(f"pack {path} has an index entry outside its frames")
         out[digest.hex()] = PackedBlob(path, offset, length)
     return out
 
 
 class PackIndex:
-    """Where each packed blob is, for every pack in ``folder``; thread-safe.
+    """Which packs hold which blobs, for every pack in ``folder``; thread-safe.
 
     Lookups that miss re-read the folder only when its mtime has changed, so a store without
-    packs pays one ``stat`` per missing blob and a store with many pays nothing more."""
+    packs pays one ``stat`` per missing blob and a store with many pays nothing more. Packs are
+    only ever added by writers and deleted by gc; a deletion rebuilds the index aside and swaps
+    it in, so a concurrent lookup never sees it half-built."""
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self._blobs: dict[str, PackedBlob] = {}
-        self._loaded: set[str] = set()  # pack file names already indexed
+        self._packs: dict[str, dict[str, PackedBlob]] = {}  # pack file name -> its blobs
+        self._blobs: dict[str, PackedBlob] = {}  # digest -> one pack that holds it
         self._seen_mtime: int | None = None
         self._lock = threading.Lock()
-        self.broken: set[str] = set()  # pack files whose index cannot be read
+        self.broken: frozenset[str] = frozenset()  # pack files whose index cannot be read
 
     def find(self, digest: str) -> PackedBlob | None:
         found = self._blobs.get(digest)
@@ -108,11 +113,12 @@ class PackIndex:
         return found
 
     def refresh(self, force: bool = False) -> bool:
-        """Index packs added since the last look; True if the folder was listed.
+        """Index packs added since the last look, forget deleted ones; True if the folder was
+        listed.
 
         A folder's mtime moves in clock ticks (milliseconds), so a pack another process adds
         in the same tick as our last look leaves it unchanged: ``force`` lists the folder all
-        the same, for checks that must not miss a blob (a version's commit)."""
+        the same, for answers that decide an outcome (what is missing, before a commit)."""
         try:
             mtime = os.stat(self.folder).st_mtime_ns
         except FileNotFoundError:
@@ -121,47 +127,54 @@ class PackIndex:
             return False
         with self._lock:
             names = {n for n in os.listdir(self.folder) if n.endswith(SUFFIX)}
-            if not names >= self._loaded:  # a pack was deleted (gc): start over
-                self._blobs, self._loaded = {}, set()
-            for name in sorted(names - self._loaded):
+            known = set(self._packs) | self.broken
+            if names >= known:  # only additions: index them in place
+                packs, blobs, broken = self._packs, self._blobs, set(self.broken)
+            else:  # gc deleted a pack: build the index aside, swap it in below
+                packs = {n: b for n, b in self._packs.items() if n in names}
+                blobs = {}
+                for members in packs.values():
+                    blobs.update(members)
+                broken = {n for n in self.broken if n in names}
+            for name in sorted(names - set(packs) - broken):
                 try:
-                    self._blobs.update(read_index(str(self.folder / name)))
+                    members = read_index(str(self.folder / name))
                 except FileNotFoundError:
                     continue
                 except StoreCorruptError:
-                    self.broken.add(name)  # verify reports it; its blobs count as missing
-                self._loaded.add(name)
+                    broken.add(name)  # verify reports it; its blobs count as missing
+                    continue
+                packs[name] = members
+                blobs.update(members)
+            self._packs, self._blobs, self.broken = packs, blobs, frozenset(broken)
             self._seen_mtime = mtime
         return True
 
     def add(self, name: str, blobs: dict[str, PackedBlob]) -> None:
         """Index a pack this process has just written."""
         with self._lock:
+            self._packs[name] = blobs
             self._blobs.update(blobs)
-            self._loaded.add(name)
 
-    def packs(self) -> list[str]:
-        self.refresh()
-        return sorted(self._loaded)
+    def packs(self) -> dict[str, dict[str, PackedBlob]]:
+        """Every readable pack (by file name) and its blobs, as of a fresh look."""
+        self.refresh(force=True)
+        with self._lock:
+            return dict(self._packs)
 
-    def items(self) -> Iterator[tuple[str, PackedBlob]]:
+    def items(self) -> list[tuple[str, PackedBlob]]:
         self.refresh()
-        return iter(list(self._blobs.items()))
+        return list(self._blobs.items())
 
     def __contains__(self, digest: str) -> bool:
         return self.find(digest) is not None
 
-    def forget(self) -> None:
-        """Drop everything (after a pack was deleted here); the next lookup re-reads."""
-        with self._lock:
-            self._blobs, self._loaded, self._seen_mtime = {}, set(), None
-            self.broken.clear()
-
 
 def read_packed(blob: PackedBlob) -> bytes:
+    """A packed blob's bytes (FileNotFoundError if its pack has been deleted since)."""
     with open(blob.pack, "rb") as f:
         f.seek(blob.offset)
         data = f.read(blob.size)
     if len(data) != blob.size:
-        raise StoreCorruptError(f"pack {blob.pack} is cut short; `tessera verify` checks it")
+        raise DigestMismatchError(f"pack {blob.pack} is cut short; run `tessera verify`")
     return data

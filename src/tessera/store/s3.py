@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -172,11 +173,23 @@ class S3BlobStore:
             pass
         self.cache.delete(digest)
 
-    def delete_many(self, digests: set[str], dry_run: bool = False) -> set[str]:
-        if not dry_run:
-            for digest in digests:
+    def pack_problems(self) -> list[str]:
+        return []  # a bucket keeps no pack files
+
+    def delete_many(
+        self, digests: set[str], dry_run: bool = False, grace_seconds: float = 0.0
+    ) -> set[str]:
+        """Delete these objects, each unless it is gone or younger than ``grace_seconds`` by
+        another look just before (LocalBlobStore.delete_many)."""
+        deleted = set()
+        for digest in digests:
+            mtime = self.mtime(digest)
+            if mtime is None or time.time() - mtime <= grace_seconds:
+                continue
+            if not dry_run:
                 self.delete(digest)
-        return set(digests)
+            deleted.add(digest)
+        return deleted
 
     def touch(self, digest: str) -> bool:
         # S3 cannot renew an object's LastModified without rewriting it; see docs/decisions.md.
