@@ -270,7 +270,9 @@ def _resolve_images(
 
     with ThreadPoolExecutor(8) as pool:
         digests = list(pool.map(digest_of, cells))
-        by_digest, _ = backend.find_samples([d for d, _ in digests if d], [], prefer, project)
+        by_digest, _ = backend.find_samples(
+            [d for i, (d, _) in enumerate(digests) if d and i not in by_ref], [], prefer, project
+        )
         # Files whose bytes no dataset holds may still be a re-encoding of a dataset image.
         missing_paths = [
             i
@@ -364,13 +366,12 @@ def _named_samples(backend: Backend, values: list[Image | ImageRef]) -> dict[int
         if record.type != "dataset":
             continue
         version = DatasetVersion(backend, record)
-        for i in indexes:
-            ref = values[i]
+        refs = [values[i] for i in indexes]
+        rows = version.rows_of([str(ref.id) for ref in refs])  # one look-up for them all
+        images = version._id_table.column("image").to_numpy(zero_copy_only=False)
+        for i, ref, row in zip(indexes, refs, rows, strict=True):
             assert isinstance(ref, ImageRef) and ref.id is not None
-            try:
-                stored = version.image_digest(ref.id)
-            except NotFoundError:
-                stored = None
+            stored = images[row] if row >= 0 else None
             if stored != ref.digest:
                 what = f"has image {stored}" if stored else "has no such sample"
                 raise TableError(
