@@ -301,6 +301,7 @@ def test_a_table_read_back_logs_again_with_no_image_bytes(tmp_path):
         twin.add("left", arrays[0])
         twin.add("right", arrays[0])
         twins = run.log_dataset(twin)
+        right_digest = twins.image_digest("right")
     with tessera.init(project="p", name="eval", dir=store) as run:
         run.use_dataset("small:v0")
         stranger = np.full((3, 3), 9, np.uint8)
@@ -312,7 +313,7 @@ def test_a_table_read_back_logs_again_with_no_image_bytes(tmp_path):
         frame = first.to_pandas()
         assert frame["image"][0].id == "s0"
         # A cell naming the twin "right", whose image "left" has too: the name is kept.
-        right = tessera.ImageRef(twins.image_digest("right"), twins.spec, "right", "mine")
+        right = tessera.ImageRef(right_digest, twins.spec, "right", "mine")
         kept = frame[frame["pred"] % 2 == 0].copy()
         kept["image"] = [right, *kept["image"].tolist()[1:]]
         kept = kept.drop(columns="id")
