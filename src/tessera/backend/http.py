@@ -15,6 +15,7 @@ import os
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -83,6 +84,8 @@ class HttpBackend:
         with self._client_lock:
             if self._client.is_closed:
                 self._client = self._new_client()
+                # Nobody will call close() again: close this pool when the backend goes.
+                weakref.finalize(self, self._client.close)
             return self._client
 
     @classmethod
