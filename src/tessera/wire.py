@@ -7,7 +7,6 @@ and the client raises the same class, so code behaves the same against either ba
 from __future__ import annotations
 
 import dataclasses
-import struct
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -21,12 +20,14 @@ from tessera.store.catalog import (
     TokenRecord,
     VersionRecord,
 )
+from tessera.store.packs import FRAME_HEADER
 
 R = TypeVar("R")
 API = "/api/v1"
 # Many blobs in one request or response body: frames of [64-byte hex digest][u64 size][bytes]
-# (POST /blobs/pack uploads them, POST /blobs/fetch downloads them).
-PACK_HEADER = struct.Struct(">64sQ")
+# (POST /blobs/pack uploads them, POST /blobs/fetch downloads them), the frames a pack file
+# stores (FORMAT.md §2.7).
+PACK_HEADER = FRAME_HEADER
 
 RECORDS: dict[str, type] = {
     cls.__name__: cls

@@ -353,7 +353,9 @@ def create_app(settings: Settings) -> FastAPI:
         body = b"".join(parts)
         counters.add(blob_bytes_received=len(body))
         frames = _parse_pack(body, settings.max_blob_bytes)
-        stored = await run_in_threadpool(_store_pack, backend, frames)
+        # A folder store keeps them as one pack file (a file per 20 KiB blob cost the file
+        # system more than receiving it), a bucket as objects; a mismatch refuses them all.
+        stored = await run_in_threadpool(backend.store.blobs.put_pack, frames)
         await run_in_threadpool(auth.grant_blobs, project, [d for d, _ in frames])
         counters.add(
             blobs_received=len(frames),
@@ -697,13 +699,6 @@ def _open_size(f: Any) -> int:
         return os.fstat(f.fileno()).st_size
     except io.UnsupportedOperation:  # an in-memory blob (read from a pack)
         return len(f.getbuffer())
-
-
-def _store_pack(backend: LocalBackend, frames: list[tuple[str, bytes]]) -> int:
-    """Store a pack upload's blobs; a frame whose bytes do not hash to its digest refuses them
-    all. Returns how many blobs were new. A folder store keeps them as one pack file (a file
-    per 20 KiB blob cost the file system more than receiving it), a bucket as objects."""
-    return backend.store.blobs.put_pack(frames)
 
 
 def _hash_and_write(hasher: Any, fd: int, chunks: list[bytes]) -> None:

@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import BinaryIO, Protocol, TypeVar
 
 from tessera.errors import DigestMismatchError, StoreCorruptError
-from tessera.store.hashing import CHUNK_SIZE, check_digest, hash_bytes, hash_file, new_hasher
+from tessera.store.hashing import (
+    CHUNK_SIZE,
+    check_digest,
+    file_pieces,
+    hash_bytes,
+    hash_file,
+    new_hasher,
+)
 from tessera.store.packs import PackedBlob, PackIndex, build_pack, check_frames, read_packed
 
 _BLOB_MODE = 0o444
@@ -121,7 +128,7 @@ class LocalBlobStore:
         return Path(path)
 
     def has_packs(self) -> bool:
-        return bool(self.packs.packs())
+        return self.packs.any()
 
     def pack_problems(self) -> list[str]:
         """Packs whose bytes do not hash to their name (verify; every blob is checked too)."""
@@ -180,14 +187,24 @@ class LocalBlobStore:
     def duckdb_path(self, digest: str) -> str:
         return str(self.local_path(digest))
 
-    def hash_blob(self, digest: str) -> str:
+    def _loose_or_packed(
+        self, digest: str, loose: Callable[[str], T], packed: Callable[[PackedBlob], T]
+    ) -> T:
+        """``loose`` on the blob's own file, else ``packed`` on a pack that holds it, else
+        ``loose`` again (gc may have deleted the pack, keeping a loose copy); that last try
+        raises FileNotFoundError if the blob is nowhere."""
+        path = self.path_text(digest)
         try:
-            return hash_file(self.path_of(digest))[0]
+            return loose(path)
         except FileNotFoundError:
-            found = self._from_pack(digest, lambda p: hash_bytes(read_packed(p)), sure=True)
-            if found is None:
-                return hash_file(self.path_of(digest))[0]  # a loose copy, or FileNotFoundError
-            return found
+            pass
+        found = self._from_pack(digest, packed, sure=True)
+        return loose(path) if found is None else found
+
+    def hash_blob(self, digest: str) -> str:
+        return self._loose_or_packed(
+            digest, lambda path: hash_file(path)[0], lambda p: hash_bytes(read_packed(p))
+        )
 
     def mtime(self, digest: str) -> float | None:
         """When the blob was last written or renewed (a packed blob: its pack)."""
@@ -205,41 +222,26 @@ class LocalBlobStore:
         """The blobs not stored, with ``packs/`` listed afresh and every pack that answers
         for a blob checked to still exist (gc in another process may have deleted it)."""
         absent = {d for d in set(digests) if not os.path.exists(self.path_text(d))}
-        if not absent:
-            return absent
-        self.packs.refresh(force=True)
-        alive: dict[str, bool] = {}
-        out = set()
-        for digest in absent:
-            packed = self.packs.find(digest)
-            if packed is None or not alive.setdefault(packed.pack, os.path.exists(packed.pack)):
-                out.add(digest)
-        return out
+        if absent and self.packs.refresh(force=True):  # forgets packs gc deleted meanwhile
+            absent = {d for d in absent if d not in self.packs}
+        return absent
 
     def size(self, digest: str) -> int:
         try:
-            return self.path_of(digest).stat().st_size
-        except FileNotFoundError:
-            pass
-        found = self._from_pack(digest, lambda p: (os.stat(p.pack), p.size)[1], sure=True)
-        if found is not None:
-            return found
-        try:
-            return self.path_of(digest).stat().st_size
+            return self._loose_or_packed(
+                digest, lambda path: os.stat(path).st_size, lambda p: (os.stat(p.pack), p.size)[1]
+            )
         except FileNotFoundError:
             raise self._missing(digest) from None
 
     def open(self, digest: str) -> BinaryIO:
         try:
-            return open(self.path_of(digest), "rb")
-        except FileNotFoundError:
-            pass
-        # Packed blobs are small: read whole.
-        found = self._from_pack(digest, lambda p: io.BytesIO(read_packed(p)), sure=True)
-        if found is not None:
-            return found
-        try:
-            return open(self.path_of(digest), "rb")
+            # Packed blobs are small: read whole.
+            return self._loose_or_packed(
+                digest,
+                lambda path: open(path, "rb"),
+                lambda p: io.BytesIO(read_packed(p)),
+            )
         except FileNotFoundError:
             raise self._missing(digest) from None
 
@@ -490,7 +492,7 @@ class LocalWriteBatch:
                 # Small files: read once, write only if the store lacks them.
                 data = src.read()
                 return self.put_bytes(data), len(data)
-            return self.put_stream(_read_chunks(src))
+            return self.put_stream(file_pieces(src))
 
     def put_stream(self, chunks: Iterable[bytes], expected: str | None = None) -> tuple[str, int]:
         hasher = new_hasher()
@@ -567,11 +569,6 @@ class LocalWriteBatch:
         for temp in self._pending.values():
             temp.unlink(missing_ok=True)
         self._pending.clear()
-
-
-def _read_chunks(f: BinaryIO) -> Iterator[bytes]:
-    while chunk := f.read(CHUNK_SIZE):
-        yield chunk
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:

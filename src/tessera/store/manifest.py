@@ -16,7 +16,7 @@ from typing import Any, BinaryIO
 
 from tessera.errors import InvalidPathError, StoreCorruptError, StoreFormatError, TesseraError
 from tessera.names import check_artifact_path
-from tessera.store.hashing import ALGORITHM, CHUNK_SIZE, check_digest, hash_bytes, new_hasher
+from tessera.store.hashing import ALGORITHM, check_digest, file_pieces, hash_bytes, new_hasher
 
 MANIFEST_FORMAT = 1
 # The canonical document ends ``"format":N,"hash":"…"`` then, when there is metadata,
@@ -156,7 +156,7 @@ def read_tail(f: BinaryIO, digest: str, keep: int = TAIL_BYTES) -> ManifestTail:
     hasher = new_hasher()
     tail = b""
     whole = True
-    while chunk := f.read(CHUNK_SIZE):
+    for chunk in file_pieces(f):
         hasher.update(chunk)
         tail += chunk
         if len(tail) > keep:

@@ -25,7 +25,7 @@ from pathlib import Path
 from tessera.errors import DigestMismatchError, StoreCorruptError
 from tessera.store.hashing import hash_bytes
 
-FRAME_HEADER = struct.Struct(">64sQ")  # the wire's pack frame (tessera.wire.PACK_HEADER)
+FRAME_HEADER = struct.Struct(">64sQ")  # also the wire's frame (tessera.wire.PACK_HEADER)
 INDEX_ENTRY = struct.Struct(">32sQQ")
 TRAILER = struct.Struct(">Q8s")
 MAGIC = b"TSRPACK1"
@@ -165,6 +165,11 @@ class PackIndex:
     def items(self) -> list[tuple[str, PackedBlob]]:
         self.refresh()
         return list(self._blobs.items())
+
+    def any(self) -> bool:
+        """Whether the folder holds any readable pack (a stat when nothing changed)."""
+        self.refresh()
+        return bool(self._packs)
 
     def __contains__(self, digest: str) -> bool:
         return self.find(digest) is not None

@@ -28,7 +28,14 @@ from obstore.store import S3Store
 
 from tessera.errors import DigestMismatchError, StoreCorruptError, StoreFormatError
 from tessera.store.blobs import BlobInfo, LocalBlobStore
-from tessera.store.hashing import CHUNK_SIZE, check_digest, hash_bytes, is_digest, new_hasher
+from tessera.store.hashing import (
+    CHUNK_SIZE,
+    check_digest,
+    file_pieces,
+    hash_bytes,
+    is_digest,
+    new_hasher,
+)
 from tessera.store.packs import check_frames
 
 ASK_FIRST_ABOVE = 1024 * 1024
@@ -275,7 +282,7 @@ class S3WriteBatch:
             if size < CHUNK_SIZE:
                 data = src.read()
                 return self.put_bytes(data), len(data)
-            return self.put_stream(iter(lambda: src.read(CHUNK_SIZE), b""))
+            return self.put_stream(file_pieces(src))
 
     def put_stream(self, chunks: Iterable[bytes], expected: str | None = None) -> tuple[str, int]:
         """Spool to a local temp file while hashing, then upload it (multipart when large)."""
