@@ -193,3 +193,68 @@ def test_the_store_marker_never_records_a_catalog_password(tmp_path, postgres, m
     monkeypatch.delenv("TESSERA_CATALOG")
     with tessera.open_store(store) as browser:
         assert [r.name for r in browser.runs("p")] == [run.name]
+
+
+def _bucket_keys(blobs_url: str) -> list[str]:
+    import obstore
+
+    from tessera.store.s3 import make_s3_store, parse_s3_url
+
+    bucket, prefix = parse_s3_url(blobs_url)
+    return sorted(m["path"] for batch in obstore.list(make_s3_store(bucket, prefix)) for m in batch)
+
+
+def test_a_new_bucket_keeps_blobs_flat_and_says_so(tmp_path, s3_env):
+    """One object per blob at blobs/<digest> (FORMAT.md §2.8), and the marker that says so."""
+    from tessera.store.s3 import BUCKET_MARKER, S3BlobStore
+
+    url = s3_env.new_prefix()
+    store = S3BlobStore(url, tmp_path / "cache")
+    store.create()
+    digest = store.put_bytes(b"hello\n")
+    assert _bucket_keys(url) == [f"blobs/{digest}", BUCKET_MARKER]
+    assert store.read(digest) == b"hello\n"
+    assert [(b.digest, b.size) for b in store.list()] == [(digest, 6)]
+    reopened = S3BlobStore(url, tmp_path / "cache2")
+    assert reopened.layout == "flat" and reopened.has(digest)
+
+
+def test_a_bucket_written_before_the_marker_keeps_its_sharded_keys(tmp_path, s3_env):
+    """Blobs already at blobs/ab/cd/<digest> and no marker: read and written where they are."""
+    import obstore
+
+    from tessera.store.hashing import hash_bytes
+    from tessera.store.s3 import BUCKET_MARKER, S3BlobStore, make_s3_store, parse_s3_url
+
+    url = s3_env.new_prefix()
+    old = hash_bytes(b"old blob")
+    bucket, prefix = parse_s3_url(url)
+    obstore.put(make_s3_store(bucket, prefix), f"blobs/{old[:2]}/{old[2:4]}/{old}", b"old blob")
+    store = S3BlobStore(url, tmp_path / "cache")
+    store.create()
+    assert store.layout == "sharded"
+    assert store.read(old) == b"old blob"
+    new = store.put_bytes(b"new blob")
+    assert f"blobs/{new[:2]}/{new[2:4]}/{new}" in _bucket_keys(url)
+    assert {b.digest for b in store.list()} == {old, new}
+    assert BUCKET_MARKER in _bucket_keys(url)
+
+
+@pytest.mark.parametrize(
+    ("marker", "message"),
+    [
+        (b'{"layout": "by-moon-phase"}', "written by a newer Tessera; upgrade Tessera"),
+        (b"not json", "is not a Tessera bucket marker"),
+    ],
+)
+def test_a_foreign_bucket_marker_is_refused_when_opening(tmp_path, s3_env, marker, message):
+    import obstore
+
+    from tessera.errors import StoreFormatError
+    from tessera.store.s3 import BUCKET_MARKER, make_s3_store, parse_s3_url
+
+    url = s3_env.new_prefix()
+    bucket, prefix = parse_s3_url(url)
+    obstore.put(make_s3_store(bucket, prefix), BUCKET_MARKER, marker)
+    with pytest.raises(StoreFormatError, match=message):
+        Store.open(tmp_path / "store", create=True, blobs=url)

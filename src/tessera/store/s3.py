@@ -1,6 +1,8 @@
 """S3-compatible blob store on obstore: the same interface as the local folder.
 
-Objects live at ``<prefix>/blobs/ab/cd/<digest>`` in the bucket. Writes use a conditional
+Objects live at ``<prefix>/blobs/<digest>`` in the bucket (buckets written before the bucket
+marker existed keep ``blobs/ab/cd/<digest>``; ``tessera-blobs.json`` says which, FORMAT.md
+§2.8). Writes use a conditional
 create (``If-None-Match: *``), so concurrent writers of one blob are safe and the first one
 wins with identical bytes; large files are hashed while spooled to a local temp file (bounded
 memory) and sent as multipart uploads. Reads that need a file (Parquet for DuckDB, images to
@@ -11,6 +13,7 @@ come from the usual ``AWS_*`` variables (``AWS_ENDPOINT_URL``, ``AWS_REGION``,
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -39,6 +42,11 @@ from tessera.store.hashing import (
 from tessera.store.packs import check_frames
 
 ASK_FIRST_ABOVE = 1024 * 1024
+BUCKET_MARKER = "tessera-blobs.json"
+# How a digest becomes an object key (FORMAT.md §2.8). "flat" for every new bucket: S3 servers
+# that keep a directory tree (SeaweedFS's filer, MinIO) made each "/" level a directory entry,
+# and the sharded keys cost SeaweedFS about 11 % more time per small object (docs/decisions.md).
+LAYOUTS = ("flat", "sharded")
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -76,17 +84,60 @@ class S3BlobStore:
         # Local folder: verified copies of blobs read as files, and temp files for uploads.
         self.cache = LocalBlobStore(cache_root)
         self.tmp_dir = self.cache.tmp_dir
+        self._layout: str | None = None
 
     def create(self) -> None:
         self.cache.create()
+        self.layout  # noqa: B018 - a foreign or newer bucket marker is refused when opening
+
+    @property
+    def layout(self) -> str:
+        """The bucket's key layout, from its marker (written on first use, FORMAT.md §2.8)."""
+        if self._layout is None:
+            self._layout = self._read_layout() or self._write_layout()
+        return self._layout
+
+    def _read_layout(self) -> str | None:
+        try:
+            raw = bytes(obstore.get(self.s3, BUCKET_MARKER).bytes())
+        except (FileNotFoundError, ObjectNotFound):
+            return None
+        try:
+            layout = json.loads(raw)["layout"]
+        except (ValueError, TypeError, KeyError):
+            raise StoreFormatError(
+                f"{self.url}/{BUCKET_MARKER} is not a Tessera bucket marker; point "
+                "--blobs at a prefix of its own"
+            ) from None
+        if layout not in LAYOUTS:
+            raise StoreFormatError(
+                f"{self.url} uses blob layout {layout!r}, written by a newer Tessera; "
+                "upgrade Tessera"
+            )
+        return str(layout)
+
+    def _write_layout(self) -> str:
+        """Record the layout of a bucket without a marker: "sharded" if it already holds blobs
+        under ``blobs/ab/cd/`` (written by a Tessera from before the marker), else "flat"."""
+        first = next(iter(obstore.list(self.s3, "blobs/", chunk_size=1)), [])
+        sharded = any(meta["path"].count("/") == 3 for meta in first)
+        layout = "sharded" if sharded else "flat"
+        try:
+            obstore.put(
+                self.s3, BUCKET_MARKER, json.dumps({"layout": layout}).encode(), mode="create"
+            )
+        except AlreadyExistsError:  # another process got there first: its word counts
+            return self._read_layout() or layout
+        return layout
 
     @property
     def local_root(self) -> Path:
         return self.cache.root
 
-    @staticmethod
-    def key(digest: str) -> str:
+    def key(self, digest: str) -> str:
         check_digest(digest)
+        if self.layout == "flat":
+            return f"blobs/{digest}"
         return f"blobs/{digest[:2]}/{digest[2:4]}/{digest}"
 
     def duckdb_path(self, digest: str) -> str:
@@ -168,9 +219,8 @@ class S3BlobStore:
         for batch in obstore.list(self.s3, "blobs/"):
             for meta in batch:
                 name = meta["path"].rsplit("/", 1)[-1]
-                parts = meta["path"].split("/")
-                if not is_digest(name) or parts[-3:-1] != [name[:2], name[2:4]]:
-                    name = meta["path"]
+                if not is_digest(name) or meta["path"] != self.key(name):
+                    name = meta["path"]  # a stray object: verify reports it by its key
                 yield BlobInfo(name, int(meta["size"]), meta["last_modified"].timestamp())
 
     def delete(self, digest: str) -> None:
