@@ -9,6 +9,7 @@ copied with ``shutil.copytree`` by tests that write to it).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -659,3 +660,92 @@ def _one_image_dataset() -> tessera.Dataset:
     ds = tessera.Dataset("ok")
     ds.add("x", np.zeros((2, 2), np.uint8))
     return ds
+
+
+def _tiny_pngs(root: Path, count: int) -> list[Path]:
+    """28x28 grey PNGs (about 800 bytes): the thumbnails a helper interpreter probes."""
+    rng = np.random.default_rng(11)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = root / f"t{i:03d}.png"
+        PILImage.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_a_helper_interpreter_probes_tiny_files_like_this_one(tmp_path):
+    """Same results, in order, whichever process probed a file; the helper did take part."""
+    from tessera.media import probe_file
+    from tessera.probing import _probe_files
+
+    paths = _tiny_pngs(tmp_path / "imgs", 120)
+    results, helped = _probe_files(paths, helper_above=1, chunk=4)
+    assert results == [probe_file(p) for p in paths]
+    assert helped > 0
+
+
+def test_the_probe_helper_reports_a_corrupt_file_as_this_process_would(tmp_path):
+    from tessera.media import ImageError, probe_file
+    from tessera.probing import _start_helper, _stop
+
+    (good,) = _tiny_pngs(tmp_path, 1)
+    corrupt = tmp_path / "bad.png"
+    corrupt.write_bytes(good.read_bytes()[:100])
+    with pytest.raises(ImageError) as here:
+        probe_file(corrupt)
+    helper = _start_helper()
+    assert helper is not None and helper.stdin is not None and helper.stdout is not None
+    try:
+        helper.stdin.write(json.dumps([str(good), str(corrupt)]) + "\n")
+        helper.stdin.flush()
+        info, error = json.loads(helper.stdout.readline())
+    finally:
+        _stop(helper)
+    assert info == list(dataclasses.astuple(probe_file(good)))
+    assert error == str(here.value) and "bad.png is not a readable image" in error
+
+
+@pytest.mark.parametrize(
+    "helper",
+    ["import sys; sys.exit(3)", "import sys\nfor line in sys.stdin: print('[1]', flush=True)"],
+    ids=["dies", "answers nonsense"],
+)
+def test_a_failing_probe_helper_leaves_the_work_to_this_process(tmp_path, monkeypatch, helper):
+    from tessera import probing
+    from tessera.media import probe_file
+
+    monkeypatch.setattr(probing, "_HELPER", helper)
+    paths = _tiny_pngs(tmp_path / "imgs", 40)
+    results, helped = probing._probe_files(paths, helper_above=1, chunk=4)
+    assert results == [probe_file(p) for p in paths]
+    assert helped == 0
+
+
+def test_a_folder_of_thumbnails_logs_the_same_with_the_probe_helper(tmp_path, monkeypatch):
+    """log_dataset of many tiny files uses the helper; a corrupt one is refused, store unchanged."""
+    from tessera import probing
+    from tessera.media import probe_file
+
+    helped = []
+    real = probing._probe_files
+
+    def counted(paths, helper_above, chunk):
+        results, count = real(paths, 10, 4)
+        helped.append(count)
+        return results, count
+
+    monkeypatch.setattr(probing, "_probe_files", counted)
+    paths = _tiny_pngs(tmp_path / "imgs", 60)
+    store = tmp_path / "store"
+    with tessera.init(project="p", dir=store) as run:
+        dsv = run.log_dataset(tessera.Dataset.from_folder(tmp_path / "imgs", name="thumbs"))
+        table = dsv.table(["id", "pixels", "width"]).to_pylist()
+        assert [row["pixels"] for row in table] == [probe_file(p).pixels for p in paths]
+        assert {row["width"] for row in table} == {28}
+        assert helped[0] > 0
+        state = store_state(store)
+        paths[37].write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 50)
+        with pytest.raises(tessera.ImageError, match=r"t037\.png is not a readable image"):
+            run.log_dataset(tessera.Dataset.from_folder(tmp_path / "imgs", name="thumbs"))
+        assert store_state(store) == state

@@ -16,7 +16,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +37,7 @@ from tessera.media import (
 )
 from tessera.names import check_artifact_path, check_name
 from tessera.parallel import map_chunked
+from tessera.probing import probe_files
 from tessera.store.hashing import hash_bytes
 from tessera.store.manifest import Manifest
 
@@ -283,9 +284,17 @@ def store_dataset(backend: Backend, project: str, ds: Dataset) -> Manifest:
     label_index = {c: i for i, c in enumerate(classes or [])}
     label_values = [label_index[label] if isinstance(label, str) else label for label in labels]
 
-    def prepare(sample: _Sample) -> tuple[Source, str]:
+    workers = _decode_workers(ds._samples)
+    probed: dict[int, FileImage] = {}
+    if workers == 1:  # tiny files: a helper interpreter probes on the second core
+        files = [i for i, s in enumerate(ds._samples) if isinstance(s.image, Path)]
+        infos = probe_files([cast(Path, ds._samples[i].image) for i in files])
+        probed = dict(zip(files, infos, strict=True))
+
+    def prepare(index: int) -> tuple[Source, str]:
+        sample = ds._samples[index]
         if isinstance(sample.image, Path):
-            info: FileImage = probe_file(sample.image)
+            info = probed.get(index) or probe_file(sample.image)
             ext = file_extension(info.format)
             media = info.media()
             return Source(
@@ -296,8 +305,8 @@ def store_dataset(backend: Backend, project: str, ds: Dataset) -> Manifest:
             path=_image_path(sample.id, ".png"), data=png, media=sample.image.media()
         ), sample.image.digest()
 
-    with ThreadPoolExecutor(_decode_workers(ds._samples)) as pool:
-        prepared = map_chunked(pool, prepare, ds._samples)
+    with ThreadPoolExecutor(workers) as pool:
+        prepared = map_chunked(pool, prepare, range(len(ds._samples)))
     sources = _unique_paths([p[0] for p in prepared])
     entries = backend.upload(project, sources)
 
