@@ -9,13 +9,11 @@ from pathlib import Path
 from tessera import progress
 from tessera.backend.base import Source
 from tessera.errors import NotFoundError
-from tessera.store.blobs import LocalWriteBatch
+from tessera.store.blobs import WRITE_THREADS, LocalWriteBatch
 from tessera.store.hashing import hash_bytes, hash_file
 from tessera.store.manifest import FileEntry
 from tessera.store.statcache import StatCache, now_ns
 
-# Hashing and copying release the GIL; a few threads per core keep the disk and the CPU busy.
-_WORKERS = min(16, 4 * (os.cpu_count() or 1))
 _CHUNK_BYTES = 4 * 1024 * 1024
 _CHUNK_FILES = 64
 _SHOW_PROGRESS_FILES = 2000
@@ -70,7 +68,7 @@ def digest_sources(
 
     with (
         progress.bar("storing files", total_bytes, bytes=True, show=show) as bar,
-        ThreadPoolExecutor(_WORKERS) as pool,
+        ThreadPoolExecutor(batch.threads if batch is not None else WRITE_THREADS) as pool,
     ):
         chunks = pool.map(digest_chunk, _chunks(sources, stats))
         entries = [entry for chunk in chunks for entry in chunk]

@@ -39,6 +39,9 @@ T = TypeVar("T")
 # Fewer new blobs than this in one pack upload are stored as loose files: a pack of a handful
 # saves little and leaves more packs for gc to weigh.
 PACK_MIN_BLOBS = 16
+# Threads that store a batch's files: hashing and copying release the GIL, and a few threads
+# per core keep the disk and the CPU busy.
+WRITE_THREADS = min(16, 4 * (os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -464,6 +467,8 @@ class LocalBlobStore:
 
 class LocalWriteBatch:
     """Blobs written to temporary files; ``commit`` syncs them and renames them into place."""
+
+    threads = WRITE_THREADS  # how many threads may usefully write through one batch
 
     def __init__(self, store: LocalBlobStore):
         self._store = store
