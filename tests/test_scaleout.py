@@ -258,3 +258,35 @@ def test_a_foreign_bucket_marker_is_refused_when_opening(tmp_path, s3_env, marke
     obstore.put(make_s3_store(bucket, prefix), BUCKET_MARKER, marker)
     with pytest.raises(StoreFormatError, match=message):
         Store.open(tmp_path / "store", create=True, blobs=url)
+
+
+def test_large_uploads_to_a_bucket_are_bounded_however_many_threads(tmp_path, s3_env):
+    """32 writer threads, but at most LARGE_UPLOADS large blobs spooled and sent at once."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tessera.store.s3 import LARGE_UPLOADS, S3BlobStore
+
+    store = S3BlobStore(s3_env.new_prefix(), tmp_path / "cache")
+    store.create()
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def chunks(seed: int):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            for i in range(3):
+                time.sleep(0.01)
+                yield bytes([seed, i]) * 1024
+        finally:
+            with lock:
+                active[0] -= 1
+
+    with store.batch() as batch, ThreadPoolExecutor(32) as pool:
+        digests = list(pool.map(lambda seed: batch.put_stream(chunks(seed))[0], range(16)))
+    assert peak[0] == LARGE_UPLOADS
+    assert all(
+        store.read(d) == bytes([k, 0]) * 1024 + bytes([k, 1]) * 1024 + bytes([k, 2]) * 1024
+        for k, d in enumerate(digests)
+    )

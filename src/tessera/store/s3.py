@@ -51,6 +51,11 @@ LAYOUTS = ("flat", "sharded")
 # CPU work, so this does not follow the core count: SeaweedFS on loopback stored 10,000 small
 # objects in 5.9 s with 8, 5.0 s with 16 and 4.6-4.9 s with 32; a distant bucket gains more.
 WRITE_THREADS = 32
+# Large blobs are spooled to a temp file, then sent as multipart uploads with parts in flight of
+# their own: at most this many at once per process, so 32 threads meeting 32 large files use
+# neither 32 files' worth of temp space nor 32 uploads' part buffers.
+LARGE_UPLOADS = 4
+_large_uploads = threading.BoundedSemaphore(LARGE_UPLOADS)
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -343,21 +348,22 @@ class S3WriteBatch:
         """Spool to a local temp file while hashing, then upload it (multipart when large)."""
         hasher = new_hasher()
         size = 0
-        fd, temp = self._store._new_temp()
-        try:
-            with os.fdopen(fd, "wb") as out:
-                for chunk in chunks:
-                    hasher.update(chunk)
-                    out.write(chunk)
-                    size += len(chunk)
-            digest = hasher.hexdigest()
-            if expected is not None and expected != digest:
-                raise DigestMismatchError(
-                    f"upload announced as {expected} hashes to {digest}; nothing was stored"
-                )
-            self.put_verified_file(temp, digest)
-        finally:
-            temp.unlink(missing_ok=True)
+        with _large_uploads:
+            fd, temp = self._store._new_temp()
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    for chunk in chunks:
+                        hasher.update(chunk)
+                        out.write(chunk)
+                        size += len(chunk)
+                digest = hasher.hexdigest()
+                if expected is not None and expected != digest:
+                    raise DigestMismatchError(
+                        f"upload announced as {expected} hashes to {digest}; nothing was stored"
+                    )
+                self.put_verified_file(temp, digest)
+            finally:
+                temp.unlink(missing_ok=True)
         return digest, size
 
     def put_verified_file(self, path: Path, digest: str) -> None:
