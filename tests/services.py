@@ -4,6 +4,7 @@ S3-compatible bucket. Nothing is mocked; nothing is downloaded."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -16,6 +17,7 @@ import pytest
 
 PG_BIN = Path(os.environ.get("TESSERA_PG_BIN", "/usr/lib/postgresql/15/bin"))
 S3_KEY, S3_SECRET, S3_BUCKET = "tessera", "tessera-secret-key", "tessera"
+S3_READ_KEY, S3_READ_SECRET = "tessera-reader", "tessera-reader-secret"  # may read and list only
 
 
 def free_port() -> int:
@@ -141,6 +143,25 @@ class SeaweedFS:
             "AWS_SECRET_ACCESS_KEY": S3_SECRET,
             "S3_BUCKET": S3_BUCKET,
         }
+        identities = [
+            (S3_KEY, S3_SECRET, ["Admin", "Read", "List", "Tagging", "Write"]),
+            (S3_READ_KEY, S3_READ_SECRET, ["Read", "List"]),
+        ]
+        config = root / "s3.json"
+        config.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": key,
+                            "credentials": [{"accessKey": key, "secretKey": secret}],
+                            "actions": actions,
+                        }
+                        for key, secret, actions in identities
+                    ]
+                }
+            )
+        )
         self.log = open(root / "weed.log", "wb")  # noqa: SIM115 - open while the server runs
         self.process = subprocess.Popen(
             [
@@ -151,6 +172,7 @@ class SeaweedFS:
                 "-ip.bind=127.0.0.1",
                 "-master.telemetry=false",
                 f"-s3.port={self.s3_port}",
+                f"-s3.config={config}",
                 f"-master.port={ports['master']}",
                 f"-volume.port={ports['volume']}",
                 f"-filer.port={ports['filer']}",
@@ -196,6 +218,14 @@ class SeaweedFS:
             "AWS_SECRET_ACCESS_KEY": S3_SECRET,
             "AWS_ENDPOINT_URL": self.endpoint,
             "AWS_REGION": "us-east-1",
+        }
+
+    def reader_env(self) -> dict[str, str]:
+        """Credentials that may read and list the bucket, not write to it."""
+        return {
+            **self.env(),
+            "AWS_ACCESS_KEY_ID": S3_READ_KEY,
+            "AWS_SECRET_ACCESS_KEY": S3_READ_SECRET,
         }
 
     def new_prefix(self) -> str:

@@ -290,3 +290,27 @@ def test_large_uploads_to_a_bucket_are_bounded_however_many_threads(tmp_path, s3
         store.read(d) == bytes([k, 0]) * 1024 + bytes([k, 1]) * 1024 + bytes([k, 2]) * 1024
         for k, d in enumerate(digests)
     )
+
+
+def test_read_only_credentials_open_a_bucket_without_writing_its_marker(
+    tmp_path, s3_env, monkeypatch
+):
+    """A reader (SeaweedFS identity with Read and List only) of a bucket that no writer has
+    opened since the marker existed reads its sharded keys; nothing is written."""
+    import obstore
+
+    from tessera.store.hashing import hash_bytes
+    from tessera.store.s3 import BUCKET_MARKER, S3BlobStore, make_s3_store, parse_s3_url
+
+    url, empty = s3_env.new_prefix(), s3_env.new_prefix()
+    old = hash_bytes(b"old blob")
+    obstore.put(make_s3_store(*parse_s3_url(url)), f"blobs/{old[:2]}/{old[2:4]}/{old}", b"old blob")
+    for key, value in s3_env.reader_env().items():
+        monkeypatch.setenv(key, value)
+    store = S3BlobStore(url, tmp_path / "cache")
+    store.create()
+    assert store.layout == "sharded" and store.read(old) == b"old blob"
+    fresh = S3BlobStore(empty, tmp_path / "cache2")
+    fresh.create()
+    assert fresh.layout == "flat"
+    assert BUCKET_MARKER not in _bucket_keys(url) and _bucket_keys(empty) == []

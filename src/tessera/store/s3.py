@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import obstore
-from obstore.exceptions import AlreadyExistsError
+from obstore.exceptions import AlreadyExistsError, PermissionDeniedError
 from obstore.exceptions import NotFoundError as ObjectNotFound
 from obstore.store import S3Store
 
@@ -137,6 +137,8 @@ class S3BlobStore:
             )
         except AlreadyExistsError:  # another process got there first: its word counts
             return self._read_layout() or layout
+        except PermissionDeniedError:  # read-only credentials: read as found, record nothing
+            pass
         return layout
 
     @property
