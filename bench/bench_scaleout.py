@@ -6,7 +6,9 @@ this run, on PostgreSQL 15 and SeaweedFS started here (``tests/services.py``).
     ``TESSERA_BLOBS`` pointing at a fresh database and a fresh bucket prefix: as a dataset
     (``Dataset.from_folder`` + ``log_dataset``: sample table, pixel digests, catalog index) and
     as a plain artifact (``add_dir`` + ``log_artifact``), each against raw ``obstore.put`` of the
-    same files' bytes with the same number of threads as Tessera's ingest.
+    same files' bytes with the same number of threads as Tessera's ingest (the target), and for
+    information against raw conditional creates (``mode="create"``), the operation Tessera
+    must use.
 (b) 10 prediction rounds of 100,000 rows (``run.log_predictions(dsv, ids, pred=, scores=)``)
     against a 100,000-sample dataset, each round followed by the floor: the prediction columns
     written as zstd Parquet (pyarrow) and stored with one ``obstore.put``, plus one psycopg
@@ -110,10 +112,13 @@ s3 = S3Store(ARGS["bucket"], prefix=ARGS["prefix"], endpoint=ARGS["endpoint"],
              client_options={"allow_http": True})
 
 
+MODE = {"mode": ARGS["mode"]} if ARGS.get("mode") else {}  # "create": If-None-Match: *
+
+
 def put(path):
     with open(path, "rb") as f:
         data = f.read()
-    obstore.put(s3, path.rpartition("/")[2], data)
+    obstore.put(s3, path.rpartition("/")[2], data, **MODE)
     return len(data)
 
 
@@ -334,6 +339,14 @@ def _ingest(services: Services, workdir: Path, sizes: Sizes) -> list[dict[str, A
                 ).output
                 shutil.rmtree(store, ignore_errors=True)
         floor = min(floors)
+        # The conditional create Tessera must use (concurrent writers of one blob), done raw:
+        # informational, to show how much of the gap to plain puts that operation is.
+        _env, _db, prefix = services.fresh_store()
+        flush_dirty_pages()
+        creates = run_python(
+            RAW_PUTS,
+            {**services.s3_args(prefix), "files": files, "threads": threads, "mode": "create"},
+        ).output["seconds"]
         rate, floor_rate = len(files) / out["seconds"], len(files) / floor
         what = (
             "Dataset.from_folder + log_dataset (sample table, pixel digests, catalog index)"
@@ -357,6 +370,23 @@ def _ingest(services: Services, workdir: Path, sizes: Sizes) -> list[dict[str, A
                     f"{len(floors)} around it: {floor:.2f} s."
                 ),
                 extra={"tessera": out, "floor_samples_s": floors, "bytes": total},
+            )
+        )
+        rows.append(
+            result(
+                f"scaleout.ingest_{kind}.vs_creates",
+                rate,
+                "images/s",
+                reference=len(files) / creates,
+                reference_name=f'raw obstore.put(mode="create"), {threads} threads',
+                ratio=div(rate, len(files) / creates),
+                ratio_meaning="throughput / raw conditional creates' throughput",
+                notes=(
+                    f"The same ingest against raw conditional creates (If-None-Match: *, which "
+                    f"Tessera must use so that concurrent writers of one blob are safe) of the "
+                    f"same files: {creates:.2f} s, one run after the plain puts. Informational; "
+                    f"the target is judged against plain puts above."
+                ),
             )
         )
     shutil.rmtree(folder, ignore_errors=True)
