@@ -685,25 +685,42 @@ def test_a_helper_interpreter_probes_tiny_files_like_this_one(tmp_path):
     assert helped > 0
 
 
-def test_the_probe_helper_reports_a_corrupt_file_as_this_process_would(tmp_path):
-    from tessera.media import ImageError, probe_file
-    from tessera.probing import _start_helper, _stop
+def test_files_the_probe_helper_calls_bad_are_judged_by_this_process(tmp_path, monkeypatch):
+    """The helper only flags a bad file; this process probes it again, with its own Pillow
+    settings (here LOAD_TRUNCATED_IMAGES), and raises its own error when it is bad here too."""
+    from PIL import ImageFile
 
-    (good,) = _tiny_pngs(tmp_path, 1)
-    corrupt = tmp_path / "bad.png"
-    corrupt.write_bytes(good.read_bytes()[:100])
-    with pytest.raises(ImageError) as here:
-        probe_file(corrupt)
+    from tessera.media import ImageError, probe_file
+    from tessera.probing import _probe_files, _start_helper, _stop
+
+    paths = _tiny_pngs(tmp_path / "imgs", 40)
+    paths[25].write_bytes(paths[25].read_bytes()[:-40])  # cut inside its pixel data
     helper = _start_helper()
     assert helper is not None and helper.stdin is not None and helper.stdout is not None
     try:
-        helper.stdin.write(json.dumps([str(good), str(corrupt)]) + "\n")
+        helper.stdin.write(json.dumps([str(paths[0]), str(paths[25])]) + "\n")
         helper.stdin.flush()
-        info, error = json.loads(helper.stdout.readline())
+        info, flagged = json.loads(helper.stdout.readline())
     finally:
         _stop(helper)
-    assert info == list(dataclasses.astuple(probe_file(good)))
-    assert error == str(here.value) and "bad.png is not a readable image" in error
+    assert info == list(dataclasses.astuple(probe_file(paths[0]))) and flagged is None
+    with pytest.raises(ImageError, match=r"t025\.png is not a readable image"):
+        _probe_files(paths, helper_above=1, chunk=4)
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    results, helped = _probe_files(paths, helper_above=1, chunk=4)
+    assert results == [probe_file(p) for p in paths] and helped > 0
+
+
+def test_long_paths_do_not_block_the_probe_helper(tmp_path):
+    """Requests bigger than a pipe's buffer (256 paths of ~400 characters), two in flight."""
+    from tessera.media import probe_file
+    from tessera.probing import _probe_files
+
+    deep = tmp_path.joinpath(*["d" * 60] * 5)
+    paths = _tiny_pngs(deep, 600)
+    assert len(str(paths[0])) > 350
+    results, helped = _probe_files(paths, helper_above=1, chunk=256)
+    assert results == [probe_file(p) for p in paths] and helped > 0
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,9 @@ NumPy, BLAKE3; about 0.1 s, while this process has already started) and answers 
 with their probe results over a pipe. This process and the helper take chunks from one queue, so
 a slow start or a busy core balances itself; if the helper cannot start, dies or answers
 nonsense, this process probes what it had taken. Results and errors are the same as probing each
-file here, in order: the first bad file raises its ``ImageError``.
+file here, in order: the first bad file raises its ``ImageError``. A file the helper calls bad is
+probed again here, so that this process's Pillow (its plugins, ``LOAD_TRUNCATED_IMAGES``) has the
+last word; ``MAX_IMAGE_PIXELS`` is passed on.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
+from PIL import Image as PILImage
+
 from tessera.media import FileImage, ImageError, probe_file
 
 # Below this many files, starting an interpreter costs more than it saves.
@@ -29,22 +33,34 @@ CHUNK = 256
 IN_FLIGHT = 2  # chunks sent to the helper ahead of its answers, so it never waits for us
 
 _HELPER = r"""
-import json, sys, types
+import json, queue, sys, threading, types
 # A bare package object: tessera/__init__.py would import SQLAlchemy and the whole API (0.3 s)
 # for a helper that needs media.py and errors.py alone.
 package = types.ModuleType("tessera")
 package.__path__ = [sys.argv[1]]
 sys.modules["tessera"] = package
+from PIL import Image
 from tessera.media import ImageError, probe_file
 
-for line in sys.stdin:
+Image.MAX_IMAGE_PIXELS = json.loads(sys.argv[2])
+# Requests are read as they arrive, so the parent's writes never wait for our answers to be
+# read (with both pipes full, both processes would wait for ever).
+requests = queue.Queue()
+
+def pump():
+    for line in sys.stdin:
+        requests.put(line)
+    requests.put(None)
+
+threading.Thread(target=pump, daemon=True).start()
+for line in iter(requests.get, None):
     out = []
     for path in json.loads(line):
         try:
             info = probe_file(path)
             out.append([info.width, info.height, info.channels, info.format, info.pixels])
-        except ImageError as e:
-            out.append(str(e))
+        except ImageError:
+            out.append(None)  # the parent probes it again and raises its own error
     sys.stdout.write(json.dumps(out) + "\n")
     sys.stdout.flush()
 """
@@ -52,7 +68,7 @@ for line in sys.stdin:
 
 def probe_files(paths: Sequence[Path]) -> list[FileImage]:
     """``[probe_file(p) for p in paths]``, on a second core when there are many."""
-    spare_core = (os.cpu_count() or 1) > 1
+    spare_core = _usable_cores() > 1 and _can_start_python()
     return _probe_files(paths, HELPER_ABOVE if spare_core else len(paths) + 1, CHUNK)[0]
 
 
@@ -69,8 +85,8 @@ def _probe_files(
         with lock:
             return queue.popleft() if queue else None
 
-    def probe_here(start: int) -> None:
-        for i in range(start, min(start + chunk, len(paths))):
+    def probe_here(start: int, stop: int) -> None:
+        for i in range(start, min(stop, len(paths))):
             try:
                 results[i] = probe_file(paths[i])
             except ImageError as e:
@@ -82,25 +98,24 @@ def _probe_files(
         try:
             while True:
                 while len(sent) < IN_FLIGHT and (start := take()) is not None:
+                    sent.append(start)
                     names = [os.fsdecode(p) for p in paths[start : start + chunk]]
                     helper.stdin.write(json.dumps(names) + "\n")
                     helper.stdin.flush()
-                    sent.append(start)
                 if not sent:
                     return
-                answers = json.loads(helper.stdout.readline())
                 start = sent[0]
-                if not isinstance(answers, list) or len(answers) != len(
-                    paths[start : start + chunk]
-                ):
-                    raise ValueError("the probe helper answered for the wrong number of files")
-                for i, answer in enumerate(answers, start):
-                    results[i] = (
-                        FileImage(*answer) if isinstance(answer, list) else ImageError(answer)
-                    )
+                infos = _parse_answer(helper.stdout.readline(), len(paths[start : start + chunk]))
+                for i, info in enumerate(infos, start):
+                    if info is None:  # a bad file: this process decides, and says why
+                        probe_here(i, i + 1)
+                    else:
+                        results[i] = info
                 sent.popleft()
-                helped[0] += len(answers)
-        except (OSError, ValueError, TypeError):
+                helped[0] += len(infos)
+        except Exception:  # a broken helper only means that this process does more
+            pass
+        finally:
             with lock:  # whatever it had not answered goes back to this process
                 queue.extend(sent)
 
@@ -110,11 +125,11 @@ def _probe_files(
         if feeder is not None:
             feeder.start()
         while (start := take()) is not None:
-            probe_here(start)
+            probe_here(start, start + chunk)
         if feeder is not None:
             feeder.join()
             while (start := take()) is not None:  # chunks the helper gave back
-                probe_here(start)
+                probe_here(start, start + chunk)
     finally:
         if helper is not None:
             _stop(helper)
@@ -127,13 +142,48 @@ def _probe_files(
     return out, helped[0]
 
 
+def _parse_answer(line: str, count: int) -> list[FileImage | None]:
+    """The helper's answer for ``count`` files: a FileImage, or None for a bad file."""
+    answers = json.loads(line)
+    if not isinstance(answers, list) or len(answers) != count:
+        raise ValueError("the probe helper answered for the wrong number of files")
+    out: list[FileImage | None] = []
+    for answer in answers:
+        if answer is None:
+            out.append(None)
+            continue
+        if not (
+            isinstance(answer, list)
+            and len(answer) == 5
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in answer[:3])
+            and all(isinstance(v, str) for v in answer[3:])
+        ):
+            raise ValueError(f"the probe helper answered {answer!r}")
+        out.append(FileImage(*answer))
+    return out
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what a container or taskset allows
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _can_start_python() -> bool:
+    """Whether ``sys.executable`` starts a plain interpreter: not in a frozen application, nor
+    under an embedding server (uWSGI, mod_wsgi), where it would start the application again."""
+    name = Path(sys.executable or "").name.lower()
+    return not getattr(sys, "frozen", False) and name.startswith(("python", "pypy"))
+
+
 def _start_helper() -> subprocess.Popen[str] | None:
     if not sys.executable:
         return None
     package = str(Path(__file__).resolve().parent)
     try:
         return subprocess.Popen(
-            [sys.executable, "-c", _HELPER, package],
+            [sys.executable, "-c", _HELPER, package, json.dumps(PILImage.MAX_IMAGE_PIXELS)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,  # its failures are redone, and reported, here
@@ -150,7 +200,7 @@ def _stop(helper: subprocess.Popen[str]) -> None:
         if helper.stdin is not None:
             helper.stdin.close()
         helper.wait(timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
+    except (OSError, ValueError, subprocess.TimeoutExpired):
         helper.kill()
         helper.wait()
     finally:
