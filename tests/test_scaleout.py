@@ -229,15 +229,33 @@ def test_a_bucket_written_before_the_marker_keeps_its_sharded_keys(tmp_path, s3_
     url = s3_env.new_prefix()
     old = hash_bytes(b"old blob")
     bucket, prefix = parse_s3_url(url)
-    obstore.put(make_s3_store(bucket, prefix), f"blobs/{old[:2]}/{old[2:4]}/{old}", b"old blob")
+    bucket_store = make_s3_store(bucket, prefix)
+    obstore.put(bucket_store, f"blobs/{old[:2]}/{old[2:4]}/{old}", b"old blob")
+    obstore.put(bucket_store, "blobs/.DS_Store", b"listed first, and no blob")
     store = S3BlobStore(url, tmp_path / "cache")
     store.create()
     assert store.layout == "sharded"
     assert store.read(old) == b"old blob"
     new = store.put_bytes(b"new blob")
     assert f"blobs/{new[:2]}/{new[2:4]}/{new}" in _bucket_keys(url)
-    assert {b.digest for b in store.list()} == {old, new}
+    assert {b.digest for b in store.list()} == {old, new, "blobs/.DS_Store"}
     assert BUCKET_MARKER in _bucket_keys(url)
+
+
+def test_a_bucket_with_blobs_in_both_layouts_and_no_marker_is_refused(tmp_path, s3_env):
+    import obstore
+
+    from tessera.errors import StoreFormatError
+    from tessera.store.hashing import hash_bytes
+    from tessera.store.s3 import S3BlobStore, make_s3_store, parse_s3_url
+
+    url = s3_env.new_prefix()
+    a, b = hash_bytes(b"a"), hash_bytes(b"b")
+    bucket_store = make_s3_store(*parse_s3_url(url))
+    obstore.put(bucket_store, f"blobs/{a[:2]}/{a[2:4]}/{a}", b"a")
+    obstore.put(bucket_store, f"blobs/{b}", b"b")
+    with pytest.raises(StoreFormatError, match="holds blobs in both layouts"):
+        S3BlobStore(url, tmp_path / "cache").create()
 
 
 @pytest.mark.parametrize(
@@ -299,6 +317,7 @@ def test_read_only_credentials_open_a_bucket_without_writing_its_marker(
     opened since the marker existed reads its sharded keys; nothing is written."""
     import obstore
 
+    from tessera.errors import AuthError
     from tessera.store.hashing import hash_bytes
     from tessera.store.s3 import BUCKET_MARKER, S3BlobStore, make_s3_store, parse_s3_url
 
@@ -313,4 +332,9 @@ def test_read_only_credentials_open_a_bucket_without_writing_its_marker(
     fresh = S3BlobStore(empty, tmp_path / "cache2")
     fresh.create()
     assert fresh.layout == "flat"
+    with pytest.raises(AuthError, match="the S3 credentials may not write to s3://"):
+        store.put_bytes(b"new blob")
     assert BUCKET_MARKER not in _bucket_keys(url) and _bucket_keys(empty) == []
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(AuthError, match="the S3 credentials may not read s3://"):
+        S3BlobStore(url, tmp_path / "cache3").create()

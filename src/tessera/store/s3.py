@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import obstore
-from obstore.exceptions import AlreadyExistsError, PermissionDeniedError
+from obstore.exceptions import AlreadyExistsError, PermissionDeniedError, UnauthenticatedError
 from obstore.exceptions import NotFoundError as ObjectNotFound
 from obstore.store import S3Store
 
-from tessera.errors import DigestMismatchError, StoreCorruptError, StoreFormatError
+from tessera.errors import AuthError, DigestMismatchError, StoreCorruptError, StoreFormatError
 from tessera.store.blobs import BlobInfo, LocalBlobStore
 from tessera.store.hashing import (
     CHUNK_SIZE,
@@ -51,9 +51,10 @@ LAYOUTS = ("flat", "sharded")
 # CPU work, so this does not follow the core count: SeaweedFS on loopback stored 10,000 small
 # objects in 5.9 s with 8, 5.0 s with 16 and 4.6-4.9 s with 32; a distant bucket gains more.
 WRITE_THREADS = 32
-# Large blobs are spooled to a temp file, then sent as multipart uploads with parts in flight of
-# their own: at most this many at once per process, so 32 threads meeting 32 large files use
-# neither 32 files' worth of temp space nor 32 uploads' part buffers.
+# Large blobs that a writer streams in (put_stream: ingest, migrate-store) are spooled to a temp
+# file, then sent as multipart uploads with parts in flight of their own: at most this many at
+# once per process, so 32 threads meeting 32 large files use neither 32 files' worth of temp
+# space nor 32 uploads' part buffers. (A server's PUT arrives already spooled by the server.)
 LARGE_UPLOADS = 4
 _large_uploads = threading.BoundedSemaphore(LARGE_UPLOADS)
 
@@ -111,6 +112,12 @@ class S3BlobStore:
             raw = bytes(obstore.get(self.s3, BUCKET_MARKER).bytes())
         except (FileNotFoundError, ObjectNotFound):
             return None
+        except (PermissionDeniedError, UnauthenticatedError) as e:
+            raise AuthError(
+                f"the S3 credentials may not read {self.url}/{BUCKET_MARKER} "
+                f"({type(e).__name__}; without ListBucket, S3 answers 403 for a missing key "
+                "too); check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL)"
+            ) from None
         try:
             layout = json.loads(raw)["layout"]
         except (ValueError, TypeError, KeyError):
@@ -128,9 +135,23 @@ class S3BlobStore:
     def _write_layout(self) -> str:
         """Record the layout of a bucket without a marker: "sharded" if it already holds blobs
         under ``blobs/ab/cd/`` (written by a Tessera from before the marker), else "flat"."""
-        first = next(iter(obstore.list(self.s3, "blobs/", chunk_size=1)), [])
-        sharded = any(meta["path"].count("/") == 3 for meta in first)
-        layout = "sharded" if sharded else "flat"
+        try:
+            page = next(iter(obstore.list(self.s3, "blobs/", chunk_size=1000)), [])
+        except (PermissionDeniedError, UnauthenticatedError):
+            raise AuthError(
+                f"{self.url} has no {BUCKET_MARKER} and these S3 credentials may not list "
+                "blobs/ to tell its layout; open it once with credentials that may list and "
+                "write"
+            ) from None
+        # Judged by blob keys only: a stray object (a .DS_Store) says nothing about the layout.
+        shapes = {_layout_of(meta["path"]) for meta in page} - {None}
+        if len(shapes) > 1:
+            raise StoreFormatError(
+                f"{self.url} holds blobs in both layouts (blobs/<digest> and "
+                f"blobs/ab/cd/<digest>) and no {BUCKET_MARKER}; it was not written by Tessera "
+                "alone — point --blobs at a prefix of its own"
+            )
+        layout = shapes.pop() if shapes else "flat"
         try:
             obstore.put(
                 self.s3, BUCKET_MARKER, json.dumps({"layout": layout}).encode(), mode="create"
@@ -293,6 +314,19 @@ class S3BlobStore:
             return len(batch.new_digests)
 
 
+def _layout_of(key: str) -> str | None:
+    """Which layout a key under ``blobs/`` is a blob key of, if either (FORMAT.md §2.8)."""
+    parts = key.split("/")
+    name = parts[-1]
+    if not is_digest(name):
+        return None
+    if parts == ["blobs", name]:
+        return "flat"
+    if parts == ["blobs", name[:2], name[2:4], name]:
+        return "sharded"
+    return None
+
+
 class S3WriteBatch:
     threads = WRITE_THREADS
 
@@ -318,6 +352,11 @@ class S3WriteBatch:
             created = True
         except AlreadyExistsError:
             created = False  # stored already (maybe by a concurrent writer, same bytes)
+        except (PermissionDeniedError, UnauthenticatedError) as e:
+            raise AuthError(
+                f"the S3 credentials may not write to {self._store.url} ({type(e).__name__}); "
+                "log with credentials that may, or browse the store with tessera.open_store"
+            ) from None
         with self._lock:
             self._done.add(digest)
             if created:
