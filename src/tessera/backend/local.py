@@ -131,12 +131,18 @@ class LocalBackend:
         """Copy in the blobs this store lacks from files ``source(digest)``; (count, bytes).
         ``sizes`` (what the manifest says) is not needed here: each file is read whole."""
 
+        failed = threading.Event()  # after the first error, the queued blobs are skipped
+
         def receive(digest: str) -> int | None:  # bytes stored; None: the store had it
-            if batch.reuse(digest):
+            if failed.is_set() or batch.reuse(digest):
                 return None
-            actual, n = batch.put_file(source(digest))
-            if actual != digest:
-                raise DigestMismatchError(f"blob {digest} arrived as {actual}")
+            try:
+                actual, n = batch.put_file(source(digest))
+                if actual != digest:
+                    raise DigestMismatchError(f"blob {digest} arrived as {actual}")
+            except BaseException:
+                failed.set()
+                raise
             return n
 
         # In threads: a bucket's writes are round trips, a folder's are hashing and copying.
