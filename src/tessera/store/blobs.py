@@ -54,6 +54,7 @@ class BlobInfo:
 class BlobWriter(Protocol):
     def reuse(self, digest: str) -> bool: ...
     def put_bytes(self, data: bytes | memoryview, digest: str | None = None) -> str: ...
+    def put_verified_bytes(self, data: bytes | memoryview, digest: str) -> None: ...
     def put_file(self, path: str | os.PathLike[str]) -> tuple[str, int]: ...
     def put_stream(
         self, chunks: Iterable[bytes], expected: str | None = None
@@ -171,14 +172,9 @@ class LocalBlobStore:
             raise DigestMismatchError(
                 f"blob {digest} in pack {packed.pack} is damaged; run `tessera verify`"
             )
-        fd, temp = self._new_temp()
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)  # one blob: fsync it alone rather than sync the file system
-        finally:
-            os.close(fd)
-        # Its name must be durable too: gc may delete the pack once this copy exists.
-        final = Path(self._place(temp, digest))
+        # One blob: fsync it alone rather than sync the file system. Its name must be durable
+        # too: gc may delete the pack once this copy exists.
+        final = Path(self._place(self._synced_temp(data), digest))
         _fsync_folder(final.parent)
         _fsync_folder(final.parent.parent)
 
@@ -208,13 +204,6 @@ class LocalBlobStore:
         return self._loose_or_packed(
             digest, lambda path: hash_file(path)[0], lambda p: hash_bytes(read_packed(p))
         )
-
-    def mtime(self, digest: str) -> float | None:
-        """When the blob was last written or renewed (a packed blob: its pack)."""
-        try:
-            return self.path_of(digest).stat().st_mtime
-        except FileNotFoundError:
-            return self._from_pack(digest, lambda p: os.stat(p.pack).st_mtime, sure=False)
 
     def has(self, digest: str) -> bool:
         """Whether the blob is stored. Quick, for the many look-ups of a write; an answer that
@@ -335,18 +324,13 @@ class LocalBlobStore:
         if len(new) < PACK_MIN_BLOBS:
             with self.batch() as batch:
                 for digest, data in new.items():
-                    batch.put_bytes(data, digest)
+                    batch.put_verified_bytes(data, digest)
             return len(new)
         body, name, where = build_pack(list(new.items()))
         # One file: fsync it alone. syncfs (what a batch of loose blobs uses) would also wait
         # for every other upload's dirty pages, and several packs arrive at once.
-        fd, temp = self._new_temp()
+        temp = self._synced_temp(body)
         try:
-            try:
-                _write_all(fd, body)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
             self.pack_dir.mkdir(exist_ok=True)
             final = self.pack_dir / f"{name}.pack"
             os.replace(temp, final)
@@ -449,6 +433,20 @@ class LocalBlobStore:
             os.replace(temp, final)
         return final
 
+    def _synced_temp(self, data: bytes | memoryview) -> Path:
+        """``data`` in a new temporary file, written and fsynced (removed if that fails)."""
+        fd, temp = self._new_temp()
+        try:
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        return temp
+
     def _new_temp(self) -> tuple[int, Path]:
         # Created read-only: the mode restricts later opens, not this one, so the blob needs
         # no chmod before it is renamed into place. The 96 random bits come from the process's
@@ -479,15 +477,19 @@ class LocalWriteBatch:
         actual = hash_bytes(data)
         if digest is not None and digest != actual:
             raise DigestMismatchError(f"bytes announced as {digest} hash to {actual}")
-        if self.reuse(actual):
-            return actual
+        self.put_verified_bytes(data, actual)
+        return actual
+
+    def put_verified_bytes(self, data: bytes | memoryview, digest: str) -> None:
+        """Store bytes already known to hash to ``digest`` (a pack upload's checked frames)."""
+        if self.reuse(digest):
+            return
         fd, temp = self._store._new_temp()
         try:
             _write_all(fd, data)
         finally:
             os.close(fd)
-        self._stage(actual, temp)
-        return actual
+        self._stage(digest, temp)
 
     def put_file(self, path: str | os.PathLike[str]) -> tuple[str, int]:
         """Store a file's bytes, hashing exactly the bytes that are written (one read pass)."""
@@ -610,8 +612,3 @@ def _make_durable(directory: Path, files: list[Path]) -> None:
         folders.add(path.parent)
     for folder in folders:
         _fsync_folder(folder)
-
-
-def blob_age_ok(info: BlobInfo, grace_seconds: float, now: float | None = None) -> bool:
-    """True if the blob is older than the grace period (so gc may reclaim it if unreferenced)."""
-    return (now if now is not None else time.time()) - info.mtime > grace_seconds

@@ -10,7 +10,7 @@ import io
 import mmap
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import BinaryIO
 
 import blake3
@@ -90,16 +90,6 @@ def hash_file(path: str | os.PathLike[str]) -> tuple[str, int]:
         while n := f.readinto(buffer):
             hasher.update(view[:n])
             size += n
-    return hasher.hexdigest(), size
-
-
-def hash_stream(chunks: Iterable[bytes]) -> tuple[str, int]:
-    """Digest and size of the concatenation of ``chunks``."""
-    hasher = new_hasher()
-    size = 0
-    for chunk in chunks:
-        hasher.update(chunk)
-        size += len(chunk)
     return hasher.hexdigest(), size
 
 

@@ -251,7 +251,7 @@ class S3BlobStore:
         for batch in obstore.list(self.s3, "blobs/"):
             for meta in batch:
                 name = meta["path"].rsplit("/", 1)[-1]
-                if not is_digest(name) or meta["path"] != self.key(name):
+                if _layout_of(meta["path"]) != self.layout:
                     name = meta["path"]  # a stray object: verify reports it by its key
                 yield BlobInfo(name, int(meta["size"]), meta["last_modified"].timestamp())
 
@@ -310,7 +310,7 @@ class S3BlobStore:
         no per-file cost to save); returns how many were new. A mismatch refuses the lot."""
         check_frames(frames)
         with self.batch() as batch, ThreadPoolExecutor(WRITE_THREADS) as pool:
-            list(pool.map(lambda frame: batch.put_bytes(frame[1], frame[0]), frames))
+            list(pool.map(lambda frame: batch.put_verified_bytes(frame[1], frame[0]), frames))
             return len(batch.new_digests)
 
 
@@ -366,16 +366,20 @@ class S3WriteBatch:
         actual = hash_bytes(data)
         if digest is not None and digest != actual:
             raise DigestMismatchError(f"bytes announced as {digest} hash to {actual}")
+        self.put_verified_bytes(data, actual)
+        return actual
+
+    def put_verified_bytes(self, data: bytes | memoryview, digest: str) -> None:
+        """Store bytes already known to hash to ``digest`` (a pack upload's checked frames)."""
         with self._lock:
-            if actual in self._done:
-                return actual
+            if digest in self._done:
+                return
         # A small blob is sent straight away: the conditional create is one request whether or
         # not the bucket has it, where asking first (HEAD) made two for every new blob. Larger
         # ones are asked about first, so that bytes already stored do not travel again.
-        if len(data) >= ASK_FIRST_ABOVE and self.reuse(actual):
-            return actual
-        self._put(actual, bytes(data))
-        return actual
+        if len(data) >= ASK_FIRST_ABOVE and self.reuse(digest):
+            return
+        self._put(digest, bytes(data))
 
     def put_file(self, path: str | os.PathLike[str]) -> tuple[str, int]:
         with open(path, "rb") as src:
