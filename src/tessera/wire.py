@@ -27,7 +27,6 @@ API = "/api/v1"
 # Many blobs in one request or response body: frames of [64-byte hex digest][u64 size][bytes]
 # (POST /blobs/pack uploads them, POST /blobs/fetch downloads them), the frames a pack file
 # stores (FORMAT.md §2.7).
-PACK_HEADER = FRAME_HEADER
 
 RECORDS: dict[str, type] = {
     cls.__name__: cls
@@ -153,10 +152,10 @@ def read_frames(chunks: Iterable[bytes]) -> Iterator[tuple[str, int, Iterator[by
             yield piece
 
     while available(1):
-        if not available(PACK_HEADER.size):
+        if not available(FRAME_HEADER.size):
             raise TruncatedPackError("a frame header is cut off")
-        raw, size = PACK_HEADER.unpack_from(buffer, position)
-        position += PACK_HEADER.size
+        raw, size = FRAME_HEADER.unpack_from(buffer, position)
+        position += FRAME_HEADER.size
         digest = raw.decode("ascii", "replace")
         pieces = body(digest, size)
         yield digest, size, pieces

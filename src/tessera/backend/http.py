@@ -41,7 +41,8 @@ from tessera.store.catalog import (
 )
 from tessera.store.hashing import CHUNK_SIZE, file_pieces
 from tessera.store.manifest import FileEntry, Manifest
-from tessera.wire import PACK_HEADER, TruncatedPackError, read_frames
+from tessera.store.packs import FRAME_HEADER
+from tessera.wire import TruncatedPackError, read_frames
 
 API = wire.API
 PACK_LIMIT = 16 * 1024 * 1024  # bytes per pack request
@@ -246,7 +247,7 @@ class HttpBackend:
                 packs.append(current)
                 current, current_size = [], 0
             current.append(digest)
-            current_size += sizes[digest] + PACK_HEADER.size
+            current_size += sizes[digest] + FRAME_HEADER.size
         if current:
             packs.append(current)
         total = sum(sizes[d] for d in missing)
@@ -256,7 +257,7 @@ class HttpBackend:
             parts = []
             for digest in pack:
                 data = _as_bytes(sources[digest])  # its own length: sizes only plan the packs
-                parts += (PACK_HEADER.pack(digest.encode(), len(data)), data)
+                parts += (FRAME_HEADER.pack(digest.encode(), len(data)), data)
             body = b"".join(parts)
             self.request("POST", f"{API}/blobs/pack", params={"project": project}, content=body)
             bar.advance(sum(sizes[d] for d in pack))

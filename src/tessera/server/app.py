@@ -7,10 +7,9 @@ when every blob it names is present.
 
 from __future__ import annotations
 
-import io
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -37,7 +36,8 @@ from tessera.server.auth import Principal, hash_token, new_token
 from tessera.store import Store
 from tessera.store.catalog import AuthCatalog, RunRecord
 from tessera.store.hashing import check_digest, file_pieces, new_hasher
-from tessera.wire import PACK_HEADER, TruncatedPackError, read_frames
+from tessera.store.packs import FRAME_HEADER
+from tessera.wire import TruncatedPackError, read_frames
 
 DEFAULT_MAX_BLOB_BYTES = 64 * 1024**3
 MAX_PACK_BYTES = 64 * 1024 * 1024  # clients send packs of at most 16 MiB of blobs
@@ -364,13 +364,16 @@ def create_app(settings: Settings) -> FastAPI:
         )
         return JSONResponse({"received": len(frames), "stored": stored})
 
-    def _blob_response(digest: str, caller: Principal, head: bool = False) -> Response:
-        check_digest(digest)
-        projects = auth.blob_projects(digest)
+    def _require_readable(digest: str, projects: Iterable[str], caller: Principal) -> None:
+        """A blob is readable only through a version of a project the caller may read."""
         if not any(caller.readable(p) for p in projects):
             if caller.anonymous and not settings.public_read:
                 caller.require_user()
             raise NotFoundError(f"no blob {digest} in a project you may read")
+
+    def _blob_response(digest: str, caller: Principal) -> Response:
+        check_digest(digest)
+        _require_readable(digest, auth.blob_projects(digest), caller)
         path = backend.store.blobs.local_path(digest)
         headers = {
             "ETag": f'"{digest}"',
@@ -381,7 +384,8 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/api/v1/blobs/{digest}")
     def get_blob(digest: str, caller: Caller, request: Request) -> Response:
         if request.headers.get("if-none-match") == f'"{digest}"':
-            _blob_response(digest, caller)  # permission check all the same
+            check_digest(digest)
+            _require_readable(digest, auth.blob_projects(digest), caller)
             return Response(status_code=304, headers={"ETag": f'"{digest}"'})
         response = _blob_response(digest, caller)
         counters.add(blobs_sent=1)
@@ -397,10 +401,7 @@ def create_app(settings: Settings) -> FastAPI:
             check_digest(digest)
         projects = auth.blobs_projects(body.digests)
         for digest in body.digests:
-            if not any(caller.readable(p) for p in projects.get(digest, ())):
-                if caller.anonymous and not settings.public_read:
-                    caller.require_user()
-                raise NotFoundError(f"no blob {digest} in a project you may read")
+            _require_readable(digest, projects.get(digest, ()), caller)
         blobs = backend.store.blobs
         if blobs.local_root != backend.store.root:
             # A bucket: download into the cache first, so a missing object is a clean error
@@ -413,7 +414,9 @@ def create_app(settings: Settings) -> FastAPI:
             # the open blob, not from another request to the bucket.
             for digest in body.digests:
                 with blobs.open(digest) as f:
-                    yield PACK_HEADER.pack(digest.encode(), _open_size(f))
+                    size = f.seek(0, os.SEEK_END)
+                    f.seek(0)
+                    yield FRAME_HEADER.pack(digest.encode(), size)
                     yield from file_pieces(f)
 
         def frames() -> Iterator[bytes]:
@@ -692,13 +695,6 @@ def _parse_pack(body: bytes, limit: int) -> list[tuple[str, bytes]]:
     except TruncatedPackError as e:
         raise DigestMismatchError(f"truncated pack: {e}") from None
     return frames
-
-
-def _open_size(f: Any) -> int:
-    try:
-        return os.fstat(f.fileno()).st_size
-    except io.UnsupportedOperation:  # an in-memory blob (read from a pack)
-        return len(f.getbuffer())
 
 
 def _hash_and_write(hasher: Any, fd: int, chunks: list[bytes]) -> None:

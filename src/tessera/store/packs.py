@@ -25,7 +25,7 @@ from pathlib import Path
 from tessera.errors import DigestMismatchError, StoreCorruptError
 from tessera.store.hashing import hash_bytes
 
-FRAME_HEADER = struct.Struct(">64sQ")  # also the wire's frame (tessera.wire.PACK_HEADER)
+FRAME_HEADER = struct.Struct(">64sQ")  # also the wire's frame (tessera.wire)
 INDEX_ENTRY = struct.Struct(">32sQQ")
 TRAILER = struct.Struct(">Q8s")
 MAGIC = b"TSRPACK1"
