@@ -68,8 +68,8 @@ for line in iter(requests.get, None):
 
 def probe_files(paths: Sequence[Path]) -> list[FileImage]:
     """``[probe_file(p) for p in paths]``, on a second core when there are many."""
-    spare_core = _usable_cores() > 1 and _can_start_python()
-    return _probe_files(paths, HELPER_ABOVE if spare_core else len(paths) + 1, CHUNK)[0]
+    helper_above = HELPER_ABOVE if _usable_cores() > 1 else len(paths) + 1
+    return _probe_files(paths, helper_above, CHUNK)[0]
 
 
 def _probe_files(
@@ -178,7 +178,7 @@ def _can_start_python() -> bool:
 
 
 def _start_helper() -> subprocess.Popen[str] | None:
-    if not sys.executable:
+    if not _can_start_python():
         return None
     package = str(Path(__file__).resolve().parent)
     try:

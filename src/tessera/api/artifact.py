@@ -89,7 +89,7 @@ class Artifact:
         if prefix:
             check_artifact_path(prefix.rstrip("/"))
             prefix = prefix.rstrip("/") + "/"
-        for relative, local in sorted(_files_below(str(root))):
+        for relative, local in sorted(files_below(str(root))):
             self._add(Source(path=prefix + relative, local=Path(local)))
 
     def add_reference(self, uri: str, name: str | None = None) -> None:
@@ -123,7 +123,7 @@ class Artifact:
         self._add(Source(path=name, data=bytes(data), media=media))
 
 
-def _files_below(root: str, relative: str = "") -> Iterator[tuple[str, str]]:
+def files_below(root: str, relative: str = "") -> Iterator[tuple[str, str]]:
     """(path relative to ``root`` with ``/``, absolute path) of every regular file below it.
 
     ``os.scandir`` knows each entry's type from the directory listing, so this costs no stat
@@ -134,7 +134,7 @@ def _files_below(root: str, relative: str = "") -> Iterator[tuple[str, str]]:
         for entry in entries:
             rel = f"{relative}/{entry.name}" if relative else entry.name
             if entry.is_dir(follow_symlinks=False):  # as os.walk: no loops through links
-                yield from _files_below(root, rel)
+                yield from files_below(root, rel)
             elif entry.is_file():
                 yield rel, entry.path
 

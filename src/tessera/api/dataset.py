@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image as PILImage
 
-from tessera.api.artifact import ArtifactVersion
+from tessera.api.artifact import ArtifactVersion, files_below
 from tessera.backend.base import Backend, Source
 from tessera.errors import InvalidNameError, NotFoundError, TesseraError
 from tessera.media import (
@@ -49,9 +49,10 @@ SAMPLES_FILE = "samples.parquet"
 # Columns every sample table has; user columns may not take these names.
 RESERVED_COLUMNS = ("id", "image", "path", "width", "height", "pixels", "label")
 _DECODE_WORKERS = min(8, 2 * (os.cpu_count() or 1))
-# Image files below this mean size (thumbnails such as 28x28 PNGs) are probed in one thread:
+# Image files below this mean size (thumbnails such as 28x28 PNGs) are not probed in threads:
 # their decode is too short to release the GIL for long, and four threads took 1.7x as long as
-# one, handing it back and forth. Larger files (a 64x64 JPEG already) gain from threads.
+# one, handing it back and forth; probing.py uses a second process instead. Larger files (a
+# 64x64 JPEG already) gain from threads.
 _SERIAL_PROBE_BELOW = 1024
 
 
@@ -231,18 +232,15 @@ class Dataset:
 def _image_files(root: Path) -> list[str]:
     """Paths (relative, with ``/``) of the image files below ``root``, in ``Path`` order.
 
-    ``os.walk`` and string work, not ``Path.rglob``: a million-image folder spent seconds in
-    pathlib. Sorted by components, as ``sorted(Path...)`` does, so sample order is unchanged.
+    The artifact walk (``os.scandir``, no stat per file), not ``Path.rglob``: a million-image
+    folder spent seconds in pathlib. Sorted by components, as ``sorted(Path...)`` does, so
+    sample order is unchanged.
     """
-    found: list[str] = []
-    for folder, _dirs, names in os.walk(root):
-        rel_folder = os.path.relpath(folder, root)
-        lead = "" if rel_folder == "." else rel_folder.replace(os.sep, "/") + "/"
-        for name in names:
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and os.path.isfile(
-                os.path.join(folder, name)
-            ):
-                found.append(lead + name)
+    found = [
+        rel
+        for rel, _path in files_below(str(root))
+        if os.path.splitext(rel)[1].lower() in IMAGE_EXTENSIONS
+    ]
     found.sort(key=lambda rel: rel.split("/"))
     return found
 
@@ -284,9 +282,8 @@ def store_dataset(backend: Backend, project: str, ds: Dataset) -> Manifest:
     label_index = {c: i for i, c in enumerate(classes or [])}
     label_values = [label_index[label] if isinstance(label, str) else label for label in labels]
 
-    workers = _decode_workers(ds._samples)
     probed: dict[int, FileImage] = {}
-    if workers == 1:  # tiny files: a helper interpreter probes on the second core
+    if _tiny_files(ds._samples):  # probed in this thread and a helper interpreter (probing.py)
         files = [i for i, s in enumerate(ds._samples) if isinstance(s.image, Path)]
         infos = probe_files([cast(Path, ds._samples[i].image) for i in files])
         probed = dict(zip(files, infos, strict=True))
@@ -305,7 +302,7 @@ def store_dataset(backend: Backend, project: str, ds: Dataset) -> Manifest:
             path=_image_path(sample.id, ".png"), data=png, media=sample.image.media()
         ), sample.image.digest()
 
-    with ThreadPoolExecutor(workers) as pool:
+    with ThreadPoolExecutor(_DECODE_WORKERS) as pool:
         prepared = map_chunked(pool, prepare, range(len(ds._samples)))
     sources = _unique_paths([p[0] for p in prepared])
     entries = backend.upload(project, sources)
@@ -355,18 +352,17 @@ def store_dataset(backend: Backend, project: str, ds: Dataset) -> Manifest:
     return Manifest.build([*entries, table_entry], metadata)
 
 
-def _decode_workers(samples: list[_Sample]) -> int:
-    """Threads for preparing ``samples``: one for tiny image files (see _SERIAL_PROBE_BELOW)."""
+def _tiny_files(samples: list[_Sample]) -> bool:
+    """Whether ``samples`` are mostly image files too small for threads to probe well (see
+    _SERIAL_PROBE_BELOW); in-memory images are left to threads (PNG encoding releases the GIL)."""
     files = [s.image for s in samples[:64] if isinstance(s.image, Path)]
-    if len(files) < 32:  # mostly in-memory images: PNG encoding releases the GIL
-        return _DECODE_WORKERS
+    if len(files) < 32:
+        return False
     sizes = []
     for path in files:
         with suppress(OSError):  # a vanished file is reported by the probe itself
             sizes.append(path.stat().st_size)
-    if sizes and sum(sizes) / len(sizes) < _SERIAL_PROBE_BELOW:
-        return 1
-    return _DECODE_WORKERS
+    return bool(sizes) and sum(sizes) / len(sizes) < _SERIAL_PROBE_BELOW
 
 
 def _image_path(sid: str, ext: str) -> str:

@@ -368,10 +368,11 @@ def _named_samples(backend: Backend, values: list[Image | ImageRef]) -> dict[int
         version = DatasetVersion(backend, record)
         refs = [values[i] for i in indexes]
         rows = version.rows_of([str(ref.id) for ref in refs])  # one look-up for them all
-        images = version._id_table.column("image").to_numpy(zero_copy_only=False)
-        for i, ref, row in zip(indexes, refs, rows, strict=True):
+        # Only the rows named, not the whole column as Python strings.
+        images = version._id_table.column("image").take(np.maximum(rows, 0)).to_pylist()
+        for i, ref, row, image in zip(indexes, refs, rows, images, strict=True):
             assert isinstance(ref, ImageRef) and ref.id is not None
-            stored = images[row] if row >= 0 else None
+            stored = image if row >= 0 else None
             if stored != ref.digest:
                 what = f"has image {stored}" if stored else "has no such sample"
                 raise TableError(
