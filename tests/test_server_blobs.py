@@ -209,6 +209,8 @@ def _corrupt_packs() -> Iterator[tuple[str, bytes, list[str]]]:
     yield "cut-header", pack(good1) + whole[-5:][:3], [good1[0]]
     bad_name = FRAME.pack(b"z" * 64, 3) + b"abc"
     yield "not-a-digest", pack(good1) + bad_name, [good1[0]]
+    many = [blob(3000) for _ in range(20)]  # enough for a pack file, written as it is parsed
+    yield "liar-after-many", pack(*many, liar), [d for d, _ in many] + [liar[0]]
 
 
 @pytest.mark.parametrize("case", list(_corrupt_packs()), ids=lambda c: c[0])

@@ -147,8 +147,17 @@ def _packed(store, count, seed):
     from tessera.store.hashing import hash_bytes
 
     frames = [(hash_bytes(b), b) for b in (f"{seed}-{i}".encode() * 50 for i in range(count))]
-    assert store.blobs.put_pack(frames) == count
+    assert store.blobs.put_pack(_frames(frames)).stored == count
     return frames
+
+
+def _frames(frames, piece=None):
+    """A pack upload's body, in pieces of ``piece`` bytes (one piece if None)."""
+    from tessera.store.packs import FRAME_HEADER
+
+    body = b"".join(FRAME_HEADER.pack(d.encode(), len(b)) + b for d, b in frames)
+    piece = piece or len(body)
+    return [body[i : i + piece] for i in range(0, len(body), piece)]
 
 
 def test_packed_blobs_read_like_loose_ones_and_verify_checks_them(tmp_path, store_dir):
@@ -168,7 +177,9 @@ def test_packed_blobs_read_like_loose_ones_and_verify_checks_them(tmp_path, stor
         assert again.has(digest) and again.size(digest) == len(data)
         assert again.read(digest) == data and again.hash_blob(digest) == digest
     assert again.missing([d for d, _ in frames] + ["0" * 64]) == {"0" * 64}
-    assert store.blobs.put_pack(frames) == 0 and len(list((store_dir / "packs").iterdir())) == 1
+    receipt = store.blobs.put_pack(_frames(frames, piece=7))  # frames cut anywhere
+    assert receipt.received == [d for d, _ in frames] and receipt.stored == 0
+    assert len(list((store_dir / "packs").iterdir())) == 1
     first = frames[0][0]
     path = again.local_path(first)  # copied out, for DuckDB and file responses
     assert path.read_bytes() == frames[0][1] and blob_files(store_dir) == [path]
@@ -192,6 +203,41 @@ def test_packed_blobs_read_like_loose_ones_and_verify_checks_them(tmp_path, stor
     assert gc(fresh, 0).deleted_blobs == 1  # the loose copy made above, unreferenced
     assert pack.exists()  # a pack without an index is not gc's to delete
     fresh.close()
+    store.close()
+
+
+def test_a_pack_upload_makes_one_file_however_it_is_cut_and_a_late_liar_leaves_nothing(tmp_path):
+    """The server writes frames to the pack file as they are parsed: where the upload's chunks
+    end does not change the file, and a bad blob at the very end (after 19 good ones were
+    written) refuses them all, leaving no pack, no loose blob and no temporary file."""
+    from tessera.store.hashing import hash_bytes
+
+    frames = [(hash_bytes(b), b) for b in (f"x-{i}".encode() * 40 for i in range(20))]
+    names = []
+    for piece in (None, 7, 73):
+        store = Store.open(tmp_path / f"cut-{piece}", create=True)
+        assert store.blobs.put_pack(_frames(frames, piece)).stored == 20
+        names.append(sorted(p.name for p in (tmp_path / f"cut-{piece}" / "packs").iterdir()))
+        store.close()
+    assert len(names[0]) == 1 and names[0] == names[1] == names[2]
+
+    root = tmp_path / "liar"
+    store = Store.open(root, create=True)
+
+    def blob_area():
+        return sorted(
+            str(p.relative_to(root))
+            for area in ("blobs", "packs", "tmp")
+            for p in (root / area).rglob("*")
+            if p.is_file()
+        )
+
+    before = blob_area()
+    liar = (frames[0][0], frames[1][1])  # bytes that do not hash to the digest they come with
+    with pytest.raises(tessera.DigestMismatchError, match="nothing was stored"):
+        store.blobs.put_pack(_frames([*frames[1:], liar], piece=4096))
+    assert blob_area() == before
+    assert not any(store.blobs.has(d) for d, _ in frames)
     store.close()
 
 

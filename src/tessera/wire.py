@@ -7,7 +7,6 @@ and the client raises the same class, so code behaves the same against either ba
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
 from tessera import errors
@@ -20,13 +19,9 @@ from tessera.store.catalog import (
     TokenRecord,
     VersionRecord,
 )
-from tessera.store.packs import FRAME_HEADER
 
 R = TypeVar("R")
 API = "/api/v1"
-# Many blobs in one request or response body: frames of [64-byte hex digest][u64 size][bytes]
-# (POST /blobs/pack uploads them, POST /blobs/fetch downloads them), the frames a pack file
-# stores (FORMAT.md §2.7).
 
 RECORDS: dict[str, type] = {
     cls.__name__: cls
@@ -114,50 +109,3 @@ def raise_error(status: int, body: Any) -> None:
     if status == 413:
         raise errors.BlobTooLargeError(f"the server refused the upload as too large: {message}")
     raise errors.TesseraError(f"server error {status}: {message}")
-
-
-class TruncatedPackError(ValueError):
-    """A body of pack frames that ends inside a frame."""
-
-
-def read_frames(chunks: Iterable[bytes]) -> Iterator[tuple[str, int, Iterator[bytes]]]:
-    """Split pack frames, arriving as ``chunks`` of any size, into (digest as sent, size,
-    that blob's bytes piece by piece). Each blob's pieces are consumed before the next frame
-    is read (what the caller leaves unread is skipped), so a caller can refuse a frame from its
-    header alone. Serves the server's ``POST /blobs/pack`` and the client's
-    ``POST /blobs/fetch`` alike."""
-    buffer = b""
-    position = 0
-    source = iter(chunks)
-
-    def available(count: int) -> bool:
-        nonlocal buffer, position
-        while len(buffer) - position < count:
-            chunk = next(source, None)
-            if chunk is None:
-                return False
-            buffer = buffer[position:] + chunk
-            position = 0
-        return True
-
-    def body(digest: str, size: int) -> Iterator[bytes]:
-        nonlocal position
-        left = size
-        while left:
-            if not available(1):
-                raise TruncatedPackError(f"blob {digest} is cut off")
-            piece = buffer[position : position + left]
-            position += len(piece)
-            left -= len(piece)
-            yield piece
-
-    while available(1):
-        if not available(FRAME_HEADER.size):
-            raise TruncatedPackError("a frame header is cut off")
-        raw, size = FRAME_HEADER.unpack_from(buffer, position)
-        position += FRAME_HEADER.size
-        digest = raw.decode("ascii", "replace")
-        pieces = body(digest, size)
-        yield digest, size, pieces
-        for _ in pieces:
-            pass

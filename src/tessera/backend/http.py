@@ -41,8 +41,7 @@ from tessera.store.catalog import (
 )
 from tessera.store.hashing import CHUNK_SIZE, file_pieces
 from tessera.store.manifest import FileEntry, Manifest
-from tessera.store.packs import FRAME_HEADER
-from tessera.wire import TruncatedPackError, read_frames
+from tessera.store.packs import FRAME_HEADER, TruncatedPackError, read_frames
 
 API = wire.API
 PACK_LIMIT = 16 * 1024 * 1024  # bytes per pack request

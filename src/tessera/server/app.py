@@ -23,7 +23,6 @@ from tessera import wire
 from tessera.backend.local import LocalBackend
 from tessera.errors import (
     AuthError,
-    BlobTooLargeError,
     DigestMismatchError,
     MissingBlobsError,
     NotFoundError,
@@ -37,7 +36,6 @@ from tessera.store import Store
 from tessera.store.catalog import AuthCatalog, RunRecord
 from tessera.store.hashing import check_digest, file_pieces, new_hasher
 from tessera.store.packs import FRAME_HEADER
-from tessera.wire import TruncatedPackError, read_frames
 
 DEFAULT_MAX_BLOB_BYTES = 64 * 1024**3
 MAX_PACK_BYTES = 64 * 1024 * 1024  # clients send packs of at most 16 MiB of blobs
@@ -350,19 +348,20 @@ def create_app(settings: Settings) -> FastAPI:
             if size > MAX_PACK_BYTES:
                 return _too_large(MAX_PACK_BYTES, "pack")
             parts.append(chunk)
-        body = b"".join(parts)
-        counters.add(blob_bytes_received=len(body))
-        frames = _parse_pack(body, settings.max_blob_bytes)
-        # A folder store keeps them as one pack file (a file per 20 KiB blob cost the file
-        # system more than receiving it), a bucket as objects; a mismatch refuses them all.
-        stored = await run_in_threadpool(backend.store.blobs.put_pack, frames)
-        await run_in_threadpool(auth.grant_blobs, project, [d for d, _ in frames])
-        counters.add(
-            blobs_received=len(frames),
-            blobs_stored=stored,
-            blobs_already_present=len(frames) - stored,
+        counters.add(blob_bytes_received=size)
+        # A folder store writes the new frames into one pack file as it parses them (a file
+        # per 20 KiB blob cost the file system more than receiving it), a bucket stores them
+        # as objects; a mismatch refuses them all.
+        receipt = await run_in_threadpool(
+            backend.store.blobs.put_pack, parts, settings.max_blob_bytes
         )
-        return JSONResponse({"received": len(frames), "stored": stored})
+        await run_in_threadpool(auth.grant_blobs, project, receipt.received)
+        counters.add(
+            blobs_received=len(receipt.received),
+            blobs_stored=receipt.stored,
+            blobs_already_present=len(receipt.received) - receipt.stored,
+        )
+        return JSONResponse({"received": len(receipt.received), "stored": receipt.stored})
 
     def _require_readable(digest: str, projects: Iterable[str], caller: Principal) -> None:
         """A blob is readable only through a version of a project the caller may read."""
@@ -679,22 +678,6 @@ def _adopt(blobs: Any, digest: str, temp: Path) -> bool:
             return False
         batch.put_verified_file(temp, digest)
     return True
-
-
-def _parse_pack(body: bytes, limit: int) -> list[tuple[str, bytes]]:
-    frames = []
-    try:
-        for raw_digest, size, pieces in read_frames([body]):
-            digest = check_digest(raw_digest)
-            if size > limit:
-                raise BlobTooLargeError(
-                    f"blob {digest} has {size:,} bytes, over this server's limit of {limit:,} "
-                    "bytes (--max-blob-size)"
-                )
-            frames.append((digest, b"".join(pieces)))
-    except TruncatedPackError as e:
-        raise DigestMismatchError(f"truncated pack: {e}") from None
-    return frames
 
 
 def _hash_and_write(hasher: Any, fd: int, chunks: list[bytes]) -> None:

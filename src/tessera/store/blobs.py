@@ -32,7 +32,15 @@ from tessera.store.hashing import (
     hash_file,
     new_hasher,
 )
-from tessera.store.packs import PackedBlob, PackIndex, build_pack, check_frames, read_packed
+from tessera.store.packs import (
+    FRAME_HEADER,
+    PackedBlob,
+    PackIndex,
+    PackReceipt,
+    checked_frames,
+    pack_tail,
+    read_packed,
+)
 
 _BLOB_MODE = 0o444
 T = TypeVar("T")
@@ -72,6 +80,9 @@ class BlobStore(Protocol):
     def batch(self) -> AbstractContextManager[BlobWriter]: ...
     def put_bytes(self, data: bytes | memoryview) -> str: ...
     def put_file(self, path: str | os.PathLike[str]) -> tuple[str, int]: ...
+    def put_pack(
+        self, chunks: Iterable[bytes], max_blob_bytes: int | None = None
+    ) -> PackReceipt: ...
     def list(self) -> Iterator[BlobInfo]: ...
     def touch(self, digest: str) -> bool:
         """Renew a blob's mtime; False if the blob does not exist."""
@@ -309,30 +320,50 @@ class LocalBlobStore:
         with self.batch() as b:
             return b.put_stream(chunks, expected)
 
-    def put_pack(self, frames: list[tuple[str, bytes]]) -> int:
-        """Store many (digest, bytes) blobs received together; returns how many were new.
+    def put_pack(self, chunks: Iterable[bytes], max_blob_bytes: int | None = None) -> PackReceipt:
+        """Store the blobs of a pack upload: frames, arriving as ``chunks`` of any size. A blob
+        whose bytes do not match its digest refuses the lot.
 
-        Every blob is hashed first, and one that does not match its digest refuses the lot.
-        Blobs already stored are renewed (as ``LocalWriteBatch.reuse`` does, for gc); the new
-        ones go into one pack file — a single write, sync and rename however many there are —
-        or, when there are only a few, into loose files."""
-        check_frames(frames)
-        new: dict[str, bytes] = {}
-        for digest, data in frames:
-            if digest not in new and not self.touch(digest):
-                new[digest] = data
-        if len(new) < PACK_MIN_BLOBS:
-            with self.batch() as batch:
-                for digest, data in new.items():
-                    batch.put_verified_bytes(data, digest)
-            return len(new)
-        body, name, where = build_pack(list(new.items()))
-        # One file: fsync it alone. syncfs (what a batch of loose blobs uses) would also wait
-        # for every other upload's dirty pages, and several packs arrive at once.
-        temp = self._synced_temp(body)
+        New blobs' frames are written to the pack file as they are parsed and hashed, so the
+        upload is never joined into one body nor copied into a second one (16 MiB buffers
+        allocated afresh cost more in page faults than the writes); the file is named by the
+        hash of what was written. Blobs already stored are renewed (as
+        ``LocalWriteBatch.reuse`` does, for gc) and skipped. When only a few are new, they
+        become loose files instead."""
+        received: list[str] = []
+        where: dict[str, tuple[int, int]] = {}  # new blob -> (offset of its bytes, size)
+        hasher = new_hasher()  # of the whole pack file: its name
+        fd, temp = self._new_temp()
         try:
+            with open(fd, "wb", buffering=1024 * 1024) as out:
+                offset = 0
+                for digest, size, pieces in checked_frames(chunks, max_blob_bytes):
+                    received.append(digest)
+                    if digest in where or self.touch(digest):
+                        continue  # its bytes are still checked, by checked_frames
+                    header = FRAME_HEADER.pack(digest.encode("ascii"), size)
+                    for piece in (header, *pieces):
+                        out.write(piece)
+                        hasher.update(piece)
+                    where[digest] = (offset + len(header), size)
+                    offset += len(header) + size
+                if len(where) >= PACK_MIN_BLOBS:
+                    tail = pack_tail(where)
+                    out.write(tail)
+                    hasher.update(tail)
+                    out.flush()
+                    # One file: fsync it alone. syncfs (what a batch of loose blobs uses) would
+                    # also wait for every other upload's dirty pages, and several arrive at once.
+                    os.fsync(out.fileno())
+            if len(where) < PACK_MIN_BLOBS:
+                with open(temp, "rb") as written, self.batch() as batch:
+                    for digest, (at, size) in where.items():
+                        written.seek(at)
+                        batch.put_verified_bytes(written.read(size), digest)
+                temp.unlink()
+                return PackReceipt(received, len(where))
             self.pack_dir.mkdir(exist_ok=True)
-            final = self.pack_dir / f"{name}.pack"
+            final = self.pack_dir / f"{hasher.hexdigest()}.pack"
             os.replace(temp, final)
         except BaseException:
             temp.unlink(missing_ok=True)
@@ -340,7 +371,7 @@ class LocalBlobStore:
         # The name must be durable before the catalog may point at the blobs.
         _fsync_folder(self.pack_dir)
         self.packs.add(final.name, {d: PackedBlob(str(final), *at) for d, at in where.items()})
-        return len(new)
+        return PackReceipt(received, len(where))
 
     def touch(self, digest: str) -> bool:
         """Renew a blob's mtime (a packed blob's: its pack's); False if it does not exist."""

@@ -9,7 +9,10 @@ receives a pack upload (``POST /blobs/pack``) therefore stores its new blobs as 
     index    N x [32-byte raw digest][u64 offset][u64 size] (offset of the blob's bytes)
     trailer  [u64 N][8 bytes "TSRPACK1"]
 
-named ``packs/<BLAKE3 of the whole file>.pack``. Readers find a blob as a loose file first, then
+named ``packs/<BLAKE3 of the whole file>.pack``. The same frames are the wire format of many
+blobs in one request or response body (``POST /blobs/pack`` uploads them, ``POST /blobs/fetch``
+downloads them), so the server writes an upload's new frames to the pack file as it parses them,
+with no copy of the body in between. Readers find a blob as a loose file first, then
 in a pack, through ``PackIndex``: every pack's index, loaded from the trailers and refreshed
 when the ``packs/`` folder changes (another process may have added a pack).
 """
@@ -19,16 +22,21 @@ from __future__ import annotations
 import os
 import struct
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-from tessera.errors import DigestMismatchError, StoreCorruptError
-from tessera.store.hashing import hash_bytes
+import blake3
+
+from tessera.errors import BlobTooLargeError, DigestMismatchError, StoreCorruptError
+from tessera.store.hashing import check_digest, new_hasher
 
 FRAME_HEADER = struct.Struct(">64sQ")  # also the wire's frame (tessera.wire)
 INDEX_ENTRY = struct.Struct(">32sQQ")
 TRAILER = struct.Struct(">Q8s")
 MAGIC = b"TSRPACK1"
+T = TypeVar("T")
 SUFFIX = ".pack"
 
 
@@ -39,32 +47,109 @@ class PackedBlob:
     size: int
 
 
-def check_frames(frames: list[tuple[str, bytes]]) -> None:
-    """Refuse the lot if any blob's bytes do not hash to the digest it came with."""
-    for digest, data in frames:
-        actual = hash_bytes(data)
-        if actual != digest:
+@dataclass(frozen=True)
+class PackReceipt:
+    """What a store made of a pack upload."""
+
+    received: list[str]  # every blob's digest, in the upload's order
+    stored: int  # how many of them were new to the store
+
+
+class TruncatedPackError(ValueError):
+    """A body of pack frames that ends inside a frame."""
+
+
+def read_frames(chunks: Iterable[bytes]) -> Iterator[tuple[str, int, Iterator[bytes]]]:
+    """Split pack frames, arriving as ``chunks`` of any size, into (digest as sent, size,
+    that blob's bytes piece by piece). Each blob's pieces are consumed before the next frame
+    is read (what the caller leaves unread is skipped), so a caller can refuse a frame from its
+    header alone. Serves the server's ``POST /blobs/pack`` and the client's
+    ``POST /blobs/fetch`` alike."""
+    buffer = b""
+    position = 0
+    source = iter(chunks)
+
+    def available(count: int) -> bool:
+        nonlocal buffer, position
+        while len(buffer) - position < count:
+            chunk = next(source, None)
+            if chunk is None:
+                return False
+            buffer = buffer[position:] + chunk
+            position = 0
+        return True
+
+    def body(digest: str, size: int) -> Iterator[bytes]:
+        nonlocal position
+        left = size
+        while left:
+            if not available(1):
+                raise TruncatedPackError(f"blob {digest} is cut off")
+            piece = buffer[position : position + left]
+            position += len(piece)
+            left -= len(piece)
+            yield piece
+
+    while available(1):
+        if not available(FRAME_HEADER.size):
+            raise TruncatedPackError("a frame header is cut off")
+        raw, size = FRAME_HEADER.unpack_from(buffer, position)
+        position += FRAME_HEADER.size
+        digest = raw.decode("ascii", "replace")
+        pieces = body(digest, size)
+        yield digest, size, pieces
+        for _ in pieces:
+            pass
+
+
+def checked_frames(
+    chunks: Iterable[bytes], max_blob_bytes: int | None = None
+) -> Iterator[tuple[str, int, Iterator[bytes]]]:
+    """``read_frames`` for bytes a store is asked to keep: each header must name a digest and
+    a size within ``max_blob_bytes``, and each blob's bytes, read or skipped by the caller, must
+    hash to its digest. Any failure raises (DigestMismatchError, BlobTooLargeError) before the
+    iteration can end, so a caller that stores what it read as it goes refuses the lot."""
+    for raw_digest, size, pieces in _cut_is_a_mismatch(read_frames(chunks)):
+        digest = check_digest(raw_digest)
+        if max_blob_bytes is not None and size > max_blob_bytes:
+            raise BlobTooLargeError(
+                f"blob {digest} has {size:,} bytes, over this server's limit of "
+                f"{max_blob_bytes:,} bytes (--max-blob-size)"
+            )
+        hasher = new_hasher()
+
+        def hashed(
+            pieces: Iterator[bytes] = pieces, hasher: blake3.blake3 = hasher
+        ) -> Iterator[bytes]:
+            for piece in _cut_is_a_mismatch(pieces):
+                hasher.update(piece)
+                yield piece
+
+        body = hashed()
+        yield digest, size, body
+        for _ in body:  # what the caller skipped is checked all the same
+            pass
+        if (actual := hasher.hexdigest()) != digest:
             raise DigestMismatchError(
                 f"a packed blob announced as {digest} hashes to {actual}; nothing was stored"
             )
 
 
-def build_pack(frames: list[tuple[str, bytes]]) -> tuple[bytes, str, dict[str, tuple[int, int]]]:
-    """The bytes of a pack holding these (digest, bytes) blobs, its name (its digest), and
-    each blob's (offset, size) in it."""
-    parts: list[bytes] = []
-    index: list[bytes] = []
-    where: dict[str, tuple[int, int]] = {}
-    offset = 0
-    for digest, data in frames:
-        parts.append(FRAME_HEADER.pack(digest.encode("ascii"), len(data)))
-        offset += FRAME_HEADER.size
-        index.append(INDEX_ENTRY.pack(bytes.fromhex(digest), offset, len(data)))
-        where[digest] = (offset, len(data))
-        parts.append(data)
-        offset += len(data)
-    body = b"".join([*parts, *index, TRAILER.pack(len(frames), MAGIC)])
-    return body, hash_bytes(body), where
+def _cut_is_a_mismatch(items: Iterator[T]) -> Iterator[T]:
+    """``items``, with a pack cut short reported as any bad bytes are."""
+    try:
+        yield from items
+    except TruncatedPackError as e:
+        raise DigestMismatchError(f"truncated pack: {e}; nothing was stored") from None
+
+
+def pack_tail(where: dict[str, tuple[int, int]]) -> bytes:
+    """The index and trailer that end a pack whose frames hold these blobs at these
+    (offset of the bytes, size)."""
+    index = [
+        INDEX_ENTRY.pack(bytes.fromhex(d), offset, size) for d, (offset, size) in where.items()
+    ]
+    return b"".join([*index, TRAILER.pack(len(where), MAGIC)])
 
 
 def read_index(path: str) -> dict[str, PackedBlob]:

@@ -39,7 +39,7 @@ from tessera.store.hashing import (
     is_digest,
     new_hasher,
 )
-from tessera.store.packs import check_frames
+from tessera.store.packs import PackReceipt, checked_frames
 
 ASK_FIRST_ABOVE = 1024 * 1024
 BUCKET_MARKER = "tessera-blobs.json"
@@ -305,13 +305,20 @@ class S3BlobStore:
     def put_stream(self, chunks: Iterable[bytes], expected: str | None = None) -> tuple[str, int]:
         return S3WriteBatch(self).put_stream(chunks, expected)
 
-    def put_pack(self, frames: list[tuple[str, bytes]]) -> int:
-        """Store many (digest, bytes) blobs received together, one object each (a bucket has
-        no per-file cost to save); returns how many were new. A mismatch refuses the lot."""
-        check_frames(frames)
+    def put_pack(self, chunks: Iterable[bytes], max_blob_bytes: int | None = None) -> PackReceipt:
+        """Store the blobs of a pack upload (frames, in ``chunks`` of any size), one object
+        each: a bucket has no per-file cost to save. All are read and checked before any is
+        stored, so a blob whose bytes do not match its digest refuses the lot."""
+        received: list[str] = []
+        frames: dict[str, bytes] = {}
+        for digest, _size, pieces in checked_frames(chunks, max_blob_bytes):
+            received.append(digest)
+            frames[digest] = b"".join(pieces)
         with self.batch() as batch, ThreadPoolExecutor(WRITE_THREADS) as pool:
-            list(pool.map(lambda frame: batch.put_verified_bytes(frame[1], frame[0]), frames))
-            return len(batch.new_digests)
+            list(
+                pool.map(lambda frame: batch.put_verified_bytes(frame[1], frame[0]), frames.items())
+            )
+            return PackReceipt(received, len(batch.new_digests))
 
 
 def _layout_of(key: str) -> str | None:
