@@ -25,6 +25,7 @@ import sqlite3
 import stat
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -284,7 +285,8 @@ def spy_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return reads
 
 
-def cache_rows(store: Path) -> dict[str, tuple]:
+def cache_rows(store: Path, run: tessera.Run) -> dict[str, tuple]:
+    run._backend.store.stat_cache.wait()  # entries are written by a thread of their own
     db = sqlite3.connect(f"file:{store / 'cache' / 'stat.sqlite'}?mode=ro", uri=True)
     try:
         return {row[0]: row[1:] for row in db.execute("SELECT * FROM files")}
@@ -308,7 +310,7 @@ def test_stat_cache_rereads_only_changed_files(
     with tessera.init(project="p", dir=store) as run:
         v0 = log_dir(run, "data", src)
         assert sorted(reads) == sorted(map(str, files))  # the spy sees every read, once
-        rows = cache_rows(store)
+        rows = cache_rows(store, run)
         assert {path: row[3] for path, row in rows.items()} == {
             str(p): digest(p.read_bytes()) for p in files
         }
@@ -316,7 +318,7 @@ def test_stat_cache_rereads_only_changed_files(
         again = log_dir(run, "data", src)
         assert reads == []
         assert again.number == 0
-        assert cache_rows(store) == rows  # nothing hashed again, so nothing remembered again
+        assert cache_rows(store, run) == rows  # nothing hashed again, so nothing remembered again
 
     # another run (a new process would be the same: the cache is a file in the store)
     with tessera.init(project="p", dir=store) as run:
@@ -362,3 +364,32 @@ def test_stat_cache_rereads_only_changed_files(
             assert log_dir(run, "data", src).number == 2  # the same content
             assert reads == [str(files[99])]
             reads.clear()
+
+
+def test_stat_cache_writes_in_the_background_and_the_next_lookup_sees_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tessera.store.statcache import StatCache
+
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"x")
+    past = time.time() - 3600
+    os.utime(path, (past, past))
+    st = path.stat()
+    cache = StatCache(tmp_path / "cache" / "stat.sqlite")
+    cache.remember([(path, st, "d" * 64, time.time_ns())])
+    assert cache.lookup([(path, st)]) == {str(path): "d" * 64}  # waited for the write
+    cache.remember([(path, st, "e" * 64, time.time_ns())])  # the later entry wins
+    cache.close()
+    assert StatCache(tmp_path / "cache" / "stat.sqlite").lookup([(path, st)]) == {
+        str(path): "e" * 64
+    }
+
+    # A cache that cannot be written only costs hashing later: no error, in no thread.
+    failures: list[BaseException] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: failures.append(args.exc_value))
+    (tmp_path / "not-a-folder").write_bytes(b"")
+    broken = StatCache(tmp_path / "not-a-folder" / "stat.sqlite")
+    broken.remember([(path, st, "d" * 64, time.time_ns())])
+    broken.close()
+    assert failures == []
