@@ -191,8 +191,10 @@ def probe_file(path: str | os.PathLike[str] | bytes) -> FileImage:
     ``np.asarray(image)``."""
     image = open_image(path)
     pixels = canonical_pixels(image)
-    suffix = "" if isinstance(path, bytes) else Path(path).suffix.lstrip(".")
-    fmt = (image.format or suffix or "unknown").lower()
+    fmt = image.format
+    if not fmt:  # the file name's suffix, looked at only when needed (a Path costs 4 µs)
+        fmt = "" if isinstance(path, bytes) else Path(path).suffix.lstrip(".")
+    fmt = (fmt or "unknown").lower()
     return FileImage(pixels.width, pixels.height, pixels.channels, fmt, pixels.digest())
 
 
