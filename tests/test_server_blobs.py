@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import secrets
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -223,6 +224,50 @@ def test_a_corrupt_pack_stores_nothing(srv, api, case):
     assert response.json()["error"] == "DigestMismatchError"
     assert store_files(store) == before
     assert missing(api, digests) == sorted(set(digests))
+
+
+def test_a_pack_over_the_request_limit_mid_stream_stores_nothing(srv, api, monkeypatch):
+    """The server stores frames while the body arrives: a body that turns out too large, with
+    frames already written, gets a 413 and leaves nothing behind (no pack, no temp file)."""
+    import tessera.server.app
+
+    monkeypatch.setattr(tessera.server.app, "MAX_PACK_BYTES", 40_000)
+    frames = [blob(3000) for _ in range(20)]  # 60 KB: over the limit two thirds in
+    store = srv.app.state.settings.dir
+    before = store_files(store)
+    response = api.post(
+        f"{API}/blobs/pack", params={"project": P}, content=chunked(pack(*frames), 4096)
+    )
+    assert response.status_code == 413, response.text
+    assert "pack" in response.json()["message"]
+    assert store_files(store) == before
+    assert missing(api, [d for d, _ in frames]) == sorted(d for d, _ in frames)
+
+
+def test_a_pack_upload_cut_off_mid_body_stores_nothing(srv, api):
+    frames = [blob(3000) for _ in range(40)]
+    body = pack(*frames)
+    store = srv.app.state.settings.dir
+    before = store_files(store)
+
+    def cut_off() -> Iterator[bytes]:
+        yield body[: len(body) // 2]
+        raise ConnectionError("the client went away")
+
+    with pytest.raises(ConnectionError):
+        api.post(
+            f"{API}/blobs/pack",
+            params={"project": P},
+            content=cut_off(),
+            headers={"Content-Length": str(len(body))},
+        )
+    deadline = time.monotonic() + 10
+    while store_files(store) != before and time.monotonic() < deadline:
+        time.sleep(0.05)  # the server notices the cut on its own schedule
+    assert store_files(store) == before
+    assert missing(api, [d for d, _ in frames]) == sorted(d for d, _ in frames)
+    response = api.post(f"{API}/blobs/pack", params={"project": P}, content=body)
+    assert response.json() == {"received": 40, "stored": 40}  # and it still serves
 
 
 # -- reading ----------------------------------------------------------------------------------

@@ -7,12 +7,15 @@ when every blob it names is present.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar, cast
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -39,6 +42,7 @@ from tessera.store.packs import FRAME_HEADER
 
 DEFAULT_MAX_BLOB_BYTES = 64 * 1024**3
 MAX_PACK_BYTES = 64 * 1024 * 1024  # clients send packs of at most 16 MiB of blobs
+T = TypeVar("T")
 MAX_FETCH_BLOBS = 4096  # blobs per POST /blobs/fetch
 FETCH_BUFFER = 1024 * 1024  # bytes of a fetch response handed to the event loop at once
 UPLOAD_PIECE = 4 * 1024 * 1024  # a streamed blob is hashed and written in pieces this large
@@ -342,19 +346,32 @@ def create_app(settings: Settings) -> FastAPI:
         declared = request.headers.get("content-length")
         if declared is not None and int(declared) > MAX_PACK_BYTES:
             return _too_large(MAX_PACK_BYTES, "pack")
-        parts, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_PACK_BYTES:
-                return _too_large(MAX_PACK_BYTES, "pack")
-            parts.append(chunk)
-        counters.add(blob_bytes_received=size)
-        # A folder store writes the new frames into one pack file as it parses them (a file
-        # per 20 KiB blob cost the file system more than receiving it), a bucket stores them
-        # as objects; a mismatch refuses them all.
-        receipt = await run_in_threadpool(
-            backend.store.blobs.put_pack, parts, settings.max_blob_bytes
+        # The store parses, hashes and writes the frames on a thread of its own while the
+        # body is still arriving: the answer follows the last byte closely, instead of after
+        # all 16 MiB were received and only then stored. A folder store writes the new frames
+        # into one pack file (a file per 20 KiB blob cost the file system more than receiving
+        # it), a bucket stores them as objects; a mismatch refuses them all.
+        body: queue.SimpleQueue[bytes | _CutShort | None] = queue.SimpleQueue()
+        storing = asyncio.ensure_future(
+            _on_own_thread(backend.store.blobs.put_pack, _until_none(body), settings.max_blob_bytes)
         )
+        size = 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_PACK_BYTES:
+                    raise _PackTooLarge
+                body.put(chunk)
+        except BaseException as e:
+            body.put(_CutShort())  # the store discards what it wrote, and stops
+            with suppress(BaseException):
+                await storing
+            if isinstance(e, _PackTooLarge):
+                return _too_large(MAX_PACK_BYTES, "pack")
+            raise
+        body.put(None)
+        counters.add(blob_bytes_received=size)
+        receipt = await storing
         await run_in_threadpool(auth.grant_blobs, project, receipt.received)
         counters.add(
             blobs_received=len(receipt.received),
@@ -678,6 +695,48 @@ def _adopt(blobs: Any, digest: str, temp: Path) -> bool:
             return False
         batch.put_verified_file(temp, digest)
     return True
+
+
+class _PackTooLarge(Exception):
+    pass
+
+
+class _CutShort:
+    """Put in a body queue: the request ended before its body did."""
+
+
+def _until_none(body: queue.SimpleQueue[bytes | _CutShort | None]) -> Iterator[bytes]:
+    """The chunks put in ``body`` until None; a ``_CutShort`` raises (nothing is stored)."""
+    while (chunk := body.get()) is not None:
+        if isinstance(chunk, _CutShort):
+            raise ConnectionAbortedError("the upload ended before its body did")
+        yield chunk
+
+
+async def _on_own_thread(function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)`` on a new thread. Not on the shared pool: it may wait for a request
+    body as long as a slow client takes to send it, and forty such uploads would hold every
+    thread that all other requests need."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if not future.done():
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(cast(T, result))
+
+    def run() -> None:
+        try:
+            result = function(*args)
+        except BaseException as e:
+            loop.call_soon_threadsafe(settle, None, e)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=run, name="tessera-pack-upload", daemon=True).start()
+    return await future
 
 
 def _hash_and_write(hasher: Any, fd: int, chunks: list[bytes]) -> None:
