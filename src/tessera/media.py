@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import os
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,13 +191,87 @@ def open_image(source: str | os.PathLike[str] | bytes) -> PILImage.Image:
 def probe_file(path: str | os.PathLike[str] | bytes) -> FileImage:
     """Decode an image file (or its bytes) once: size, format and the pixel digest of
     ``np.asarray(image)``."""
-    image = open_image(path)
+    image = _plain_png(path) or open_image(path)
     pixels = canonical_pixels(image)
     fmt = image.format
     if not fmt:  # the file name's suffix, looked at only when needed (a Path costs 4 µs)
         fmt = "" if isinstance(path, bytes) else Path(path).suffix.lstrip(".")
     fmt = (fmt or "unknown").lower()
     return FileImage(pixels.width, pixels.height, pixels.channels, fmt, pixels.digest())
+
+
+# The PNGs that _plain_png decodes: 8 bits per sample, grey, RGB or RGBA (IHDR bit depth and
+# colour type -> Pillow mode), not interlaced, and no chunk that changes what the pixels mean.
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PLAIN_PNG_MODES = {(8, 0): "L", (8, 2): "RGB", (8, 6): "RGBA"}
+_PIXEL_NEUTRAL_CHUNKS = {
+    b"gAMA",
+    b"sRGB",
+    b"cHRM",
+    b"iCCP",
+    b"pHYs",
+    b"tIME",
+    b"tEXt",
+    b"zTXt",
+    b"iTXt",
+}
+_CHUNK = struct.Struct(">I4s")
+_IHDR = struct.Struct(">IIBBBBB")
+
+
+def _plain_png(source: str | os.PathLike[str] | bytes) -> PILImage.Image | None:
+    """A common PNG decoded with Pillow's own zlib/filter decoder, without its PNG plugin's
+    Python: 20 µs instead of 36 for a 28x28 thumbnail, most of a dataset probe. The same
+    pixels as ``PIL.Image.open(path).load()`` gives (tests compare them over many kinds of
+    PNG); None for anything else — another format or PNG flavour, a bad CRC, a short file, a
+    decoding error, more pixels than ``MAX_IMAGE_PIXELS`` — which then goes to Pillow, whose
+    answer (or error message) is the one that counts."""
+    if not isinstance(source, bytes):
+        if not os.fspath(source).lower().endswith(".png"):
+            return None
+        try:
+            with open(source, "rb") as f:
+                source = f.read()
+        except OSError:
+            return None
+    data = source
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    position, size, idat, idat_ended = len(_PNG_SIGNATURE), None, [], False
+    while True:
+        if position + 12 > len(data):
+            return None  # no IEND
+        length, kind = _CHUNK.unpack_from(data, position)
+        end = position + 12 + length
+        if end > len(data):
+            return None
+        body = data[position + 8 : end - 4]
+        if zlib.crc32(body, zlib.crc32(kind)) != int.from_bytes(data[end - 4 : end], "big"):
+            return None
+        if kind == b"IHDR" and size is None and length == _IHDR.size:
+            width, height, depth, colour, compression, filtering, interlace = _IHDR.unpack(body)
+            mode = _PLAIN_PNG_MODES.get((depth, colour))
+            if mode is None or compression or filtering or interlace:
+                return None
+            size = (width, height)
+        elif kind == b"IDAT" and size is not None and not idat_ended:
+            idat.append(body)
+        elif kind == b"IEND":
+            break
+        elif kind in _PIXEL_NEUTRAL_CHUNKS:
+            idat_ended = bool(idat)  # IDAT chunks must be consecutive
+        else:
+            return None
+        position = end
+    limit = PILImage.MAX_IMAGE_PIXELS
+    if size is None or not idat or 0 in size or (limit and size[0] * size[1] > limit):
+        return None
+    try:
+        image = PILImage.frombytes(mode, size, b"".join(idat), "zip", mode)
+    except (ValueError, OSError, MemoryError):
+        return None
+    image.format = "PNG"
+    return image
 
 
 def file_extension(fmt: str) -> str:
