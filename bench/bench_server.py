@@ -17,9 +17,10 @@
 Every push and pull runs in a fresh child interpreter (as the server's first admin); its time is
 measured inside the child from opening the stores to the end of ``sync`` (interpreter start-up and
 imports excluded). Floors are measured before and after the first push (interleaved), and the best
-one is the reference. The floor is strict for small files: it writes one file per 16 MiB body and
-syncs nothing, where the server must create one durable file per blob (the store format), so its
-per-file cost is all Tessera's; the per-file floor shows that cost on the plain side. Each figure's
+one is the reference. The floor is strict for small files: it writes each 16 MiB body to a file
+and neither hashes nor syncs anything, where the server checks every blob's digest, writes the
+new ones to a durable pack file and records which project sent them; the per-file floor shows
+what one request per file costs on the plain side. Each figure's
 ``extra`` also holds the CPU seconds of both ends (client child from ``wait4``, server from
 ``/proc``): on a busy machine they say more than wall times.
 Set ``TESSERA_BENCH_PROFILE=DIR`` to get a cProfile dump of every push/pull child in DIR.
