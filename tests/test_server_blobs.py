@@ -270,6 +270,30 @@ def test_a_pack_upload_cut_off_mid_body_stores_nothing(srv, api):
     assert response.json() == {"received": 40, "stored": 40}  # and it still serves
 
 
+def test_a_blob_that_changed_size_since_it_was_hashed_is_not_sent(srv, api, tmp_path):
+    """Pack bodies are streamed with a Content-Length planned from the blobs' sizes: a file
+    that grew or shrank since (or a damaged store) stops the upload with a clear error."""
+    from tessera.backend.http import HttpBackend
+
+    store = srv.app.state.settings.dir
+    before = store_files(store)
+    frames = dict(blob(3000) for _ in range(20))
+    sizes = {d: len(b) for d, b in frames.items()}
+    changed = sorted(frames)[7]
+    sizes[changed] -= 1
+    remote = HttpBackend.open(srv.url, srv.admin_token, tmp_path / "cache")
+    try:
+        with pytest.raises(tessera.DigestMismatchError, match=f"blob {changed} has 3,000 bytes"):
+            remote.send_blobs(P, frames, sizes)
+    finally:
+        remote.close()
+    deadline = time.monotonic() + 10
+    while store_files(store) != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert store_files(store) == before
+    assert missing(api, sorted(frames)) == sorted(frames)
+
+
 # -- reading ----------------------------------------------------------------------------------
 
 

@@ -26,7 +26,7 @@ import httpx
 from tessera import progress, wire
 from tessera.backend.base import Source
 from tessera.backend.ingest import digest_sources
-from tessera.errors import MissingBlobsError, TesseraError
+from tessera.errors import DigestMismatchError, MissingBlobsError, TesseraError
 from tessera.names import VersionSpec
 from tessera.runtime import this_process
 from tessera.store import Store
@@ -253,14 +253,30 @@ class HttpBackend:
         show = total > 64 * 1024 * 1024 or len(missing) > 2000
 
         def send_pack(pack: list[str]) -> int:
-            parts = []
-            for digest in pack:
-                data = _as_bytes(sources[digest])  # its own length: sizes only plan the packs
-                parts += (FRAME_HEADER.pack(digest.encode(), len(data)), data)
-            body = b"".join(parts)
-            self.request("POST", f"{API}/blobs/pack", params={"project": project}, content=body)
+            length = sum(FRAME_HEADER.size + sizes[d] for d in pack)
+
+            def frames() -> Iterator[bytes]:
+                # Read as sent: the first bytes leave at once, and no 16 MiB body is joined
+                # (its fresh pages cost more than the copy) while the connection idles.
+                for digest in pack:
+                    data = _as_bytes(sources[digest])
+                    if len(data) != sizes[digest]:
+                        raise DigestMismatchError(
+                            f"blob {digest} has {len(data):,} bytes where {sizes[digest]:,} "
+                            "were announced: a file changed while it was being logged, or the "
+                            "store is damaged (`tessera verify` tells); nothing was committed"
+                        )
+                    yield FRAME_HEADER.pack(digest.encode(), len(data)) + data
+
+            self.request(
+                "POST",
+                f"{API}/blobs/pack",
+                params={"project": project},
+                headers={"Content-Length": str(length)},
+                content_factory=frames,
+            )
             bar.advance(sum(sizes[d] for d in pack))
-            return len(body)
+            return length
 
         def send_large(digest: str) -> int:
             source = sources[digest]

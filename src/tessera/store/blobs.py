@@ -224,10 +224,9 @@ class LocalBlobStore:
     def missing(self, digests: Iterable[str]) -> set[str]:
         """The blobs not stored, with ``packs/`` listed afresh and every pack that answers
         for a blob checked to still exist (gc in another process may have deleted it)."""
-        absent = {d for d in set(digests) if not os.path.exists(self.path_text(d))}
-        if absent and self.packs.refresh(force=True):  # forgets packs gc deleted meanwhile
-            absent = {d for d in absent if d not in self.packs}
-        return absent
+        self.packs.refresh(force=True)  # sees new packs, forgets those gc deleted meanwhile
+        # The index first: a dict look-up, where a packed blob's loose name is a failed stat.
+        return {d for d in self.packs.unindexed(digests) if not os.path.exists(self.path_text(d))}
 
     def size(self, digest: str) -> int:
         try:

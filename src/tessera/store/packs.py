@@ -259,6 +259,12 @@ class PackIndex:
     def __contains__(self, digest: str) -> bool:
         return self.find(digest) is not None
 
+    def unindexed(self, digests: Iterable[str]) -> set[str]:
+        """The digests no pack holds as of the last look (no look here: a caller that must
+        not miss another process's new pack calls ``refresh(force=True)`` first)."""
+        blobs = self._blobs  # swapped whole by refresh, so one consistent view
+        return {d for d in digests if d not in blobs}
+
 
 def read_packed(blob: PackedBlob) -> bytes:
     """A packed blob's bytes (FileNotFoundError if its pack has been deleted since)."""
