@@ -284,7 +284,7 @@ def test_a_blob_that_changed_size_since_it_was_hashed_is_not_sent(srv, api, tmp_
     remote = HttpBackend.open(srv.url, srv.admin_token, tmp_path / "cache")
     try:
         with pytest.raises(tessera.DigestMismatchError, match=f"blob {changed} has 3,000 bytes"):
-            remote.send_blobs(P, frames, sizes)
+            remote.send_blobs(P, frames.__getitem__, sizes)
     finally:
         remote.close()
     deadline = time.monotonic() + 10

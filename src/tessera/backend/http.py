@@ -222,18 +222,19 @@ class HttpBackend:
     def send_blobs(
         self,
         project: str,
-        sources: dict[str, Callable[[], Iterator[bytes]] | bytes],
+        source: Callable[[str], Callable[[], Iterator[bytes]] | bytes],
         sizes: dict[str, int],
         missing: set[str] | None = None,
     ) -> int:
-        """Upload the blobs the server lacks (``missing``, when the caller has just asked);
-        return how many bytes were sent.
+        """Upload the blobs of ``sizes`` that the server lacks (``missing``, when the caller has
+        just asked); return how many bytes were sent. ``source(digest)``: the blob's bytes, or
+        a function that reads them (called in the upload threads, as its pack is sent).
 
         One round is enough: the server answers a request only once its blobs are verified and
         stored, each request is retried on transient failures, and past that the error is
         raised; a later push or commit resumes by asking again what is missing."""
         if missing is None:
-            missing = self.missing(project, list(sources))
+            missing = self.missing(project, list(sizes))
         if not missing:
             return 0
         small = [d for d in missing if sizes[d] <= SMALL_BLOB]
@@ -259,7 +260,7 @@ class HttpBackend:
                 # Read as sent: the first bytes leave at once, and no 16 MiB body is joined
                 # (its fresh pages cost more than the copy) while the connection idles.
                 for digest in pack:
-                    data = _as_bytes(sources[digest])
+                    data = _as_bytes(source(digest))
                     if len(data) != sizes[digest]:
                         raise DigestMismatchError(
                             f"blob {digest} has {len(data):,} bytes where {sizes[digest]:,} "
@@ -279,13 +280,13 @@ class HttpBackend:
             return length
 
         def send_large(digest: str) -> int:
-            source = sources[digest]
+            blob = source(digest)
             self.request(
                 "PUT",
                 f"{API}/blobs/{digest}",
                 params={"project": project},
                 headers={"Content-Length": str(sizes[digest])},
-                content_factory=(lambda: source()) if callable(source) else (lambda: source),
+                content_factory=(lambda: blob()) if callable(blob) else (lambda: blob),
             )
             bar.advance(sizes[digest])
             return sizes[digest]
@@ -311,7 +312,7 @@ class HttpBackend:
                 payload[entry.digest] = source.data
             elif source.local is not None:
                 payload[entry.digest] = _file_chunks(source.local)
-        self.send_blobs(project, payload, sizes)
+        self.send_blobs(project, payload.__getitem__, sizes)
         return entries
 
     def receive_blobs(
@@ -330,22 +331,17 @@ class HttpBackend:
         if not missing:
             return 0, 0
         known = sizes or {}
-        payload: dict[str, Callable[[], Iterator[bytes]] | bytes] = {}
-        size_of = {}
-        for digest in missing:
-            if digest in known:
-                size_of[digest] = known[digest]
-                payload[digest] = _file_chunks(functools.partial(source, digest))
-            else:
-                path = source(digest)
-                size_of[digest] = path.stat().st_size
-                payload[digest] = _file_chunks(path)
-        return len(missing), self.send_blobs(project, payload, size_of, missing)
+        size_of = {d: known[d] if d in known else source(d).stat().st_size for d in missing}
+
+        def read(digest: str) -> Callable[[], Iterator[bytes]]:
+            return _file_chunks(functools.partial(source, digest))
+
+        return len(missing), self.send_blobs(project, read, size_of, missing)
 
     def put_manifest(self, project: str, manifest: Manifest) -> str:
         data = manifest.to_bytes()
         digest = self.cache.blobs.put_bytes(data)
-        self.send_blobs(project, {digest: data}, {digest: len(data)})
+        self.send_blobs(project, lambda _digest: data, {digest: len(data)})
         return digest
 
     def blob_path(self, digest: str) -> Path:

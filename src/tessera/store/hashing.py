@@ -15,6 +15,8 @@ from typing import BinaryIO
 
 import blake3
 
+from tessera.errors import DigestMismatchError
+
 ALGORITHM = "blake3"
 DIGEST_HEX_LENGTH = 64
 # One regex match instead of a per-character loop: manifests check every entry's digest, and a
@@ -99,11 +101,10 @@ def is_digest(value: object) -> bool:
 
 
 def check_digest(value: object) -> str:
-    from tessera.errors import DigestMismatchError
-
-    if not is_digest(value):
-        raise DigestMismatchError(
-            f"{value!r} is not a {ALGORITHM} digest (64 lower-case hex characters)"
-        )
-    assert isinstance(value, str)
-    return value
+    """``value``, if it is a digest; else DigestMismatchError. A few hundred nanoseconds when it
+    is: manifests and presence checks call it for each of 10,000 blobs."""
+    if isinstance(value, str) and _DIGEST.fullmatch(value) is not None:
+        return value
+    raise DigestMismatchError(
+        f"{value!r} is not a {ALGORITHM} digest (64 lower-case hex characters)"
+    )
