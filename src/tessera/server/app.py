@@ -42,6 +42,7 @@ from tessera.store.packs import FRAME_HEADER
 
 DEFAULT_MAX_BLOB_BYTES = 64 * 1024**3
 MAX_PACK_BYTES = 64 * 1024 * 1024  # clients send packs of at most 16 MiB of blobs
+HANDOFF_BYTES = 1024 * 1024  # a pack upload reaches its store in pieces of this size
 T = TypeVar("T")
 MAX_FETCH_BLOBS = 4096  # blobs per POST /blobs/fetch
 FETCH_BUFFER = 1024 * 1024  # bytes of a fetch response handed to the event loop at once
@@ -356,17 +357,27 @@ def create_app(settings: Settings) -> FastAPI:
         # all 16 MiB were received and only then stored. A folder store writes the new frames
         # into one pack file (a file per 20 KiB blob cost the file system more than receiving
         # it), a bucket stores them as objects; a mismatch refuses them all.
-        body: queue.SimpleQueue[bytes | _CutShort | None] = queue.SimpleQueue()
+        body: queue.SimpleQueue[list[bytes] | _CutShort | None] = queue.SimpleQueue()
         storing = asyncio.ensure_future(
             _on_own_thread(backend.store.blobs.put_pack, _until_none(body), settings.max_blob_bytes)
         )
         size = 0
         try:
+            # Handed over a mebibyte at a time: a hand-over per 64 KiB chunk woke the store's
+            # thread (and passed the GIL) so often that switching threads took a quarter of
+            # the server's CPU.
+            pending: list[bytes] = []
+            buffered = 0
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > MAX_PACK_BYTES:
                     raise _PackTooLarge
-                body.put(chunk)
+                pending.append(chunk)
+                buffered += len(chunk)
+                if buffered >= HANDOFF_BYTES:
+                    body.put(pending)
+                    pending, buffered = [], 0
+            body.put(pending)
         except BaseException as e:
             body.put(_CutShort())  # the store discards what it wrote, and stops
             with suppress(BaseException):
@@ -710,12 +721,13 @@ class _CutShort:
     """Put in a body queue: the request ended before its body did."""
 
 
-def _until_none(body: queue.SimpleQueue[bytes | _CutShort | None]) -> Iterator[bytes]:
-    """The chunks put in ``body`` until None; a ``_CutShort`` raises (nothing is stored)."""
-    while (chunk := body.get()) is not None:
-        if isinstance(chunk, _CutShort):
+def _until_none(body: queue.SimpleQueue[list[bytes] | _CutShort | None]) -> Iterator[bytes]:
+    """The chunks put in ``body`` (lists of them) until None; a ``_CutShort`` raises (nothing
+    is stored)."""
+    while (chunks := body.get()) is not None:
+        if isinstance(chunks, _CutShort):
             raise ConnectionAbortedError("the upload ended before its body did")
-        yield chunk
+        yield from chunks
 
 
 async def _on_own_thread(function: Callable[..., T], *args: Any) -> T:

@@ -336,16 +336,16 @@ class LocalBlobStore:
         try:
             with open(fd, "wb", buffering=1024 * 1024) as out:
                 offset = 0
-                for digest, size, pieces in checked_frames(chunks, max_blob_bytes):
+                for digest, data in checked_frames(chunks, max_blob_bytes):
                     received.append(digest)
                     if digest in where or self.touch(digest):
-                        continue  # its bytes are still checked, by checked_frames
-                    header = FRAME_HEADER.pack(digest.encode("ascii"), size)
-                    for piece in (header, *pieces):
+                        continue
+                    header = FRAME_HEADER.pack(digest.encode("ascii"), len(data))
+                    for piece in (header, data):
                         out.write(piece)
                         hasher.update(piece)
-                    where[digest] = (offset + len(header), size)
-                    offset += len(header) + size
+                    where[digest] = (offset + len(header), len(data))
+                    offset += len(header) + len(data)
                 if len(where) >= PACK_MIN_BLOBS:
                     tail = pack_tail(where)
                     out.write(tail)

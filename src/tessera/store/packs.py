@@ -25,18 +25,14 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
-
-import blake3
 
 from tessera.errors import BlobTooLargeError, DigestMismatchError, StoreCorruptError
-from tessera.store.hashing import check_digest, new_hasher
+from tessera.store.hashing import check_digest, hash_bytes
 
 FRAME_HEADER = struct.Struct(">64sQ")  # also the wire's frame (tessera.wire)
 INDEX_ENTRY = struct.Struct(">32sQQ")
 TRAILER = struct.Struct(">Q8s")
 MAGIC = b"TSRPACK1"
-T = TypeVar("T")
 SUFFIX = ".pack"
 
 
@@ -104,41 +100,26 @@ def read_frames(chunks: Iterable[bytes]) -> Iterator[tuple[str, int, Iterator[by
 
 def checked_frames(
     chunks: Iterable[bytes], max_blob_bytes: int | None = None
-) -> Iterator[tuple[str, int, Iterator[bytes]]]:
-    """``read_frames`` for bytes a store is asked to keep: each header must name a digest and
-    a size within ``max_blob_bytes``, and each blob's bytes, read or skipped by the caller, must
-    hash to its digest. Any failure raises (DigestMismatchError, BlobTooLargeError) before the
+) -> Iterator[tuple[str, bytes]]:
+    """The (digest, bytes) of each blob in pack frames that a store is asked to keep, each
+    checked before it is yielded: a digest for a name, a size within ``max_blob_bytes``, bytes
+    that hash to the digest. A pack upload's blobs are small (its body is at most 64 MiB), so
+    each is read whole. Any failure raises (DigestMismatchError, BlobTooLargeError) before the
     iteration can end, so a caller that stores what it read as it goes refuses the lot."""
-    for raw_digest, size, pieces in _cut_is_a_mismatch(read_frames(chunks)):
-        digest = check_digest(raw_digest)
-        if max_blob_bytes is not None and size > max_blob_bytes:
-            raise BlobTooLargeError(
-                f"blob {digest} has {size:,} bytes, over this server's limit of "
-                f"{max_blob_bytes:,} bytes (--max-blob-size)"
-            )
-        hasher = new_hasher()
-
-        def hashed(
-            pieces: Iterator[bytes] = pieces, hasher: blake3.blake3 = hasher
-        ) -> Iterator[bytes]:
-            for piece in _cut_is_a_mismatch(pieces):
-                hasher.update(piece)
-                yield piece
-
-        body = hashed()
-        yield digest, size, body
-        for _ in body:  # what the caller skipped is checked all the same
-            pass
-        if (actual := hasher.hexdigest()) != digest:
-            raise DigestMismatchError(
-                f"a packed blob announced as {digest} hashes to {actual}; nothing was stored"
-            )
-
-
-def _cut_is_a_mismatch(items: Iterator[T]) -> Iterator[T]:
-    """``items``, with a pack cut short reported as any bad bytes are."""
     try:
-        yield from items
+        for raw_digest, size, pieces in read_frames(chunks):
+            digest = check_digest(raw_digest)
+            if max_blob_bytes is not None and size > max_blob_bytes:
+                raise BlobTooLargeError(
+                    f"blob {digest} has {size:,} bytes, over this server's limit of "
+                    f"{max_blob_bytes:,} bytes (--max-blob-size)"
+                )
+            data = b"".join(pieces)
+            if (actual := hash_bytes(data)) != digest:
+                raise DigestMismatchError(
+                    f"a packed blob announced as {digest} hashes to {actual}; nothing was stored"
+                )
+            yield digest, data
     except TruncatedPackError as e:
         raise DigestMismatchError(f"truncated pack: {e}; nothing was stored") from None
 

@@ -311,9 +311,9 @@ class S3BlobStore:
         stored, so a blob whose bytes do not match its digest refuses the lot."""
         received: list[str] = []
         frames: dict[str, bytes] = {}
-        for digest, _size, pieces in checked_frames(chunks, max_blob_bytes):
+        for digest, data in checked_frames(chunks, max_blob_bytes):
             received.append(digest)
-            frames[digest] = b"".join(pieces)
+            frames[digest] = data
         with self.batch() as batch, ThreadPoolExecutor(WRITE_THREADS) as pool:
             list(
                 pool.map(lambda frame: batch.put_verified_bytes(frame[1], frame[0]), frames.items())
