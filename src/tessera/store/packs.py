@@ -12,7 +12,7 @@ receives a pack upload (``POST /blobs/pack``) therefore stores its new blobs as 
 named ``packs/<BLAKE3 of the whole file>.pack``. The same frames are the wire format of many
 blobs in one request or response body (``POST /blobs/pack`` uploads them, ``POST /blobs/fetch``
 downloads them), so the server writes an upload's new frames to the pack file as it parses them,
-with no copy of the body in between. Readers find a blob as a loose file first, then
+without first joining the body. Readers find a blob as a loose file first, then
 in a pack, through ``PackIndex``: every pack's index, loaded from the trailers and refreshed
 when the ``packs/`` folder changes (another process may have added a pack).
 """
@@ -29,7 +29,7 @@ from pathlib import Path
 from tessera.errors import BlobTooLargeError, DigestMismatchError, StoreCorruptError
 from tessera.store.hashing import check_digest, hash_bytes
 
-FRAME_HEADER = struct.Struct(">64sQ")  # also the wire's frame (tessera.wire)
+FRAME_HEADER = struct.Struct(">64sQ")  # also each blob's header in an HTTP body (read_frames)
 INDEX_ENTRY = struct.Struct(">32sQQ")
 TRAILER = struct.Struct(">Q8s")
 MAGIC = b"TSRPACK1"
