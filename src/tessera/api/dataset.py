@@ -181,58 +181,66 @@ class Dataset:
         path relative to ``root``.
         """
         with _gc_paused():
-            root = Path(root).absolute()
-            if not root.is_dir():
-                raise NotFoundError(f"{root} is not a folder of images")
-            if id not in ("stem", "path"):
-                raise DatasetError(f'id must be "stem" or "path", got {id!r}')
-            files = _image_files(root)
-            if not files:
-                raise NotFoundError(
-                    f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) below {root}"
+            return cls._from_folder(root, labels, id, name, classes, description)
+
+    @classmethod
+    def _from_folder(
+        cls,
+        root: str | os.PathLike[str],
+        labels: str | os.PathLike[str] | None,
+        id: str,
+        name: str | None,
+        classes: Sequence[str] | None,
+        description: str | None,
+    ) -> Dataset:
+        root = Path(root).absolute()
+        if not root.is_dir():
+            raise NotFoundError(f"{root} is not a folder of images")
+        if id not in ("stem", "path"):
+            raise DatasetError(f'id must be "stem" or "path", got {id!r}')
+        files = _image_files(root)
+        if not files:
+            raise NotFoundError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) below {root}")
+        ids: dict[str, str] = {}  # sample id -> path relative to root
+        for rel in files:
+            key = os.path.splitext(rel.rpartition("/")[2])[0] if id == "stem" else rel
+            if key in ids:
+                raise DatasetError(
+                    f"two images have the id {key!r}: {root / ids[key]} and {root / rel}; "
+                    'use id="path" to make ids from relative paths'
                 )
-            ids: dict[str, str] = {}  # sample id -> path relative to root
-            for rel in files:
-                key = os.path.splitext(rel.rpartition("/")[2])[0] if id == "stem" else rel
-                if key in ids:
-                    raise DatasetError(
-                        f"two images have the id {key!r}: {root / ids[key]} and {root / rel}; "
-                        'use id="path" to make ids from relative paths'
-                    )
-                ids[key] = rel
-            ds_name = name or root.name
-            try:
-                dataset = cls(ds_name, classes=classes, description=description)
-            except InvalidNameError:
-                raise InvalidNameError(
-                    f"the folder name {ds_name!r} is not a valid dataset name; pass name=..."
-                ) from None
-            if labels is not None:
-                table = _read_label_csv(Path(labels), root)
-                if dataset.classes is None:
-                    dataset.classes = sorted(
-                        {row["label"] for row in table.values() if row["label"]}
-                    )
-                missing = [k for k in ids if k not in table and f"{k}" not in table]
-                if missing:
-                    raise DatasetError(
-                        f"{len(missing)} images have no row in {labels} (e.g. {', '.join(missing[:5])})"
-                    )
-                for key, rel in ids.items():
-                    row = dict(table[key])
-                    label = row.pop("label") or None
-                    dataset.add(key, root / rel, label, **row)
-                return dataset
-            depths = {rel.count("/") for rel in files}
-            by_folder = depths == {1}  # the class-per-subfolder layout: root/<class>/<image>
-            if by_folder and dataset.classes is None:
-                dataset.classes = sorted({rel.partition("/")[0] for rel in files})
-            prefix = f"{root}/"
+            ids[key] = rel
+        ds_name = name or root.name
+        try:
+            dataset = cls(ds_name, classes=classes, description=description)
+        except InvalidNameError:
+            raise InvalidNameError(
+                f"the folder name {ds_name!r} is not a valid dataset name; pass name=..."
+            ) from None
+        if labels is not None:
+            table = _read_label_csv(Path(labels), root)
+            if dataset.classes is None:
+                dataset.classes = sorted({row["label"] for row in table.values() if row["label"]})
+            missing = [k for k in ids if k not in table and f"{k}" not in table]
+            if missing:
+                raise DatasetError(
+                    f"{len(missing)} images have no row in {labels} (e.g. {', '.join(missing[:5])})"
+                )
             for key, rel in ids.items():
-                # The walk found these files: no need for add()'s checks that the path is a file.
-                label = rel.partition("/")[0] if by_folder else None
-                dataset._append(sample_id(key), Path(prefix + rel), label, {})
+                row = dict(table[key])
+                label = row.pop("label") or None
+                dataset.add(key, root / rel, label, **row)
             return dataset
+        depths = {rel.count("/") for rel in files}
+        by_folder = depths == {1}  # the class-per-subfolder layout: root/<class>/<image>
+        if by_folder and dataset.classes is None:
+            dataset.classes = sorted({rel.partition("/")[0] for rel in files})
+        prefix = f"{root}/"
+        for key, rel in ids.items():
+            # The walk found these files: no need for add()'s checks that the path is a file.
+            label = rel.partition("/")[0] if by_folder else None
+            dataset._append(sample_id(key), Path(prefix + rel), label, {})
+        return dataset
 
 
 @contextmanager
