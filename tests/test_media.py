@@ -129,9 +129,9 @@ def test_plain_pngs_decode_fast_to_exactly_what_pillow_gives(tmp_path, name):
     data = PLAIN[name]()
     path = tmp_path / f"{name}.png"
     path.write_bytes(data)
-    assert _plain_png(path) is not None and _plain_png(data) is not None
+    assert _plain_png(path.read_bytes()) is not None and _plain_png(data) is not None
     assert probe_file(path) == pillow_probe(path) == probe_file(data)
-    assert np.array_equal(np.asarray(_plain_png(path)), np.asarray(Image.open(path)))
+    assert np.array_equal(np.asarray(_plain_png(path.read_bytes())), np.asarray(Image.open(path)))
 
 
 @pytest.mark.parametrize("name", sorted(OTHER))
@@ -139,7 +139,7 @@ def test_other_pngs_go_to_pillow_with_the_same_outcome(tmp_path, name):
     data = OTHER[name]()
     path = tmp_path / f"{name}.png"
     path.write_bytes(data)
-    assert _plain_png(path) is None
+    assert _plain_png(path.read_bytes()) is None
     assert outcome(probe_file, path) == outcome(pillow_probe, path)
 
 
@@ -172,7 +172,7 @@ def test_the_pixel_limit_is_pillow_s_to_enforce(tmp_path, monkeypatch):
     path = tmp_path / "big.png"
     path.write_bytes(png_bytes(noise("L", (40, 40))))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 700)  # 1,600 > 2 x 700: a bomb
-    assert _plain_png(path) is None
+    assert _plain_png(path.read_bytes()) is None
     with pytest.raises(ImageError, match="too large to decode safely"):
         probe_file(path)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # over the limit, under twice it
@@ -187,7 +187,7 @@ def test_a_missing_or_misnamed_file_is_not_the_fast_path_s(tmp_path):
         probe_file(tmp_path / "gone.png")
     jpeg = tmp_path / "photo.png"  # a JPEG under a .png name
     noise("RGB", (8, 8)).save(jpeg, format="JPEG")
-    assert _plain_png(jpeg) is None
+    assert _plain_png(jpeg.read_bytes()) is None
     assert probe_file(jpeg).format == "jpeg"
 
 

@@ -13,6 +13,7 @@ import io
 import os
 import struct
 import zlib
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,7 +192,13 @@ def open_image(source: str | os.PathLike[str] | bytes) -> PILImage.Image:
 def probe_file(path: str | os.PathLike[str] | bytes) -> FileImage:
     """Decode an image file (or its bytes) once: size, format and the pixel digest of
     ``np.asarray(image)``."""
-    image = _plain_png(path) or open_image(path)
+    data = path if isinstance(path, bytes) else None
+    if data is None and os.fspath(path).lower().endswith(".png"):
+        with suppress(OSError), open(path, "rb") as f:  # if unreadable, Pillow says why
+            data = f.read()
+    # A PNG that _plain_png declines is read again by Pillow, from its path, so that its
+    # errors name the file (given bytes, they name a BytesIO object).
+    image = (_plain_png(data) if data is not None else None) or open_image(path)
     pixels = canonical_pixels(image)
     fmt = image.format
     if not fmt:  # the file name's suffix, looked at only when needed (a Path costs 4 µs)
@@ -219,22 +226,13 @@ _CHUNK = struct.Struct(">I4s")
 _IHDR = struct.Struct(">IIBBBBB")
 
 
-def _plain_png(source: str | os.PathLike[str] | bytes) -> PILImage.Image | None:
+def _plain_png(data: bytes) -> PILImage.Image | None:
     """A common PNG decoded with Pillow's own zlib/filter decoder, without its PNG plugin's
     Python: 20 µs instead of 36 for a 28x28 thumbnail, most of a dataset probe. The same
     pixels as ``PIL.Image.open(path).load()`` gives (tests compare them over many kinds of
     PNG); None for anything else — another format or PNG flavour, a bad CRC, a short file, a
     decoding error, more pixels than ``MAX_IMAGE_PIXELS`` — which then goes to Pillow, whose
     answer (or error message) is the one that counts."""
-    if not isinstance(source, bytes):
-        if not os.fspath(source).lower().endswith(".png"):
-            return None
-        try:
-            with open(source, "rb") as f:
-                source = f.read()
-        except OSError:
-            return None
-    data = source
     if not data.startswith(_PNG_SIGNATURE):
         return None
     position, size, idat, idat_ended = len(_PNG_SIGNATURE), None, [], False
