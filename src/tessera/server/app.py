@@ -11,12 +11,13 @@ import asyncio
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, TypeVar, cast
+from typing import Annotated, Any
 
+import anyio
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -43,7 +44,7 @@ from tessera.store.packs import FRAME_HEADER
 DEFAULT_MAX_BLOB_BYTES = 64 * 1024**3
 MAX_PACK_BYTES = 64 * 1024 * 1024  # clients send packs of at most 16 MiB of blobs
 HANDOFF_BYTES = 1024 * 1024  # a pack upload reaches its store in pieces of this size
-T = TypeVar("T")
+PACK_UPLOADS = 64  # pack uploads stored at once; more wait, their bodies queued
 MAX_FETCH_BLOBS = 4096  # blobs per POST /blobs/fetch
 FETCH_BUFFER = 1024 * 1024  # bytes of a fetch response handed to the event loop at once
 UPLOAD_PIECE = 4 * 1024 * 1024  # a streamed blob is hashed and written in pieces this large
@@ -345,6 +346,10 @@ def create_app(settings: Settings) -> FastAPI:
         await run_in_threadpool(auth.grant_blobs, project, [digest])
         return JSONResponse({"digest": digest, "size": size, "stored": stored})
 
+    # Each pack upload's store waits on a thread for the body as the client sends it: not the
+    # shared pool's threads, which forty slow uploads would hold from every other request.
+    pack_threads = anyio.CapacityLimiter(PACK_UPLOADS)
+
     @app.post("/api/v1/blobs/pack")
     async def put_pack(request: Request, caller: Caller, project: str = Query(...)) -> Response:
         """Many small blobs in one request: frames of [64-byte hex digest][u64 size][bytes]."""
@@ -357,9 +362,14 @@ def create_app(settings: Settings) -> FastAPI:
         # all 16 MiB were received and only then stored. A folder store writes the new frames
         # into one pack file (a file per 20 KiB blob cost the file system more than receiving
         # it), a bucket stores them as objects; a mismatch refuses them all.
-        body: queue.SimpleQueue[list[bytes] | _CutShort | None] = queue.SimpleQueue()
+        body: queue.SimpleQueue[list[bytes] | BaseException | None] = queue.SimpleQueue()
         storing = asyncio.ensure_future(
-            _on_own_thread(backend.store.blobs.put_pack, _until_none(body), settings.max_blob_bytes)
+            anyio.to_thread.run_sync(
+                backend.store.blobs.put_pack,
+                _until_none(body),
+                settings.max_blob_bytes,
+                limiter=pack_threads,
+            )
         )
         size = 0
         try:
@@ -379,7 +389,8 @@ def create_app(settings: Settings) -> FastAPI:
                     pending, buffered = [], 0
             body.put(pending)
         except BaseException as e:
-            body.put(_CutShort())  # the store discards what it wrote, and stops
+            # The store discards what it wrote, and stops.
+            body.put(ConnectionAbortedError("the upload ended before its body did"))
             with suppress(BaseException):
                 await storing
             if isinstance(e, _PackTooLarge):
@@ -717,43 +728,13 @@ class _PackTooLarge(Exception):
     pass
 
 
-class _CutShort:
-    """Put in a body queue: the request ended before its body did."""
-
-
-def _until_none(body: queue.SimpleQueue[list[bytes] | _CutShort | None]) -> Iterator[bytes]:
-    """The chunks put in ``body`` (lists of them) until None; a ``_CutShort`` raises (nothing
-    is stored)."""
+def _until_none(body: queue.SimpleQueue[list[bytes] | BaseException | None]) -> Iterator[bytes]:
+    """The chunks put in ``body`` (lists of them) until None; an exception put there is raised
+    (the store then keeps nothing)."""
     while (chunks := body.get()) is not None:
-        if isinstance(chunks, _CutShort):
-            raise ConnectionAbortedError("the upload ended before its body did")
+        if isinstance(chunks, BaseException):
+            raise chunks
         yield from chunks
-
-
-async def _on_own_thread(function: Callable[..., T], *args: Any) -> T:
-    """``function(*args)`` on a new thread. Not on the shared pool: it may wait for a request
-    body as long as a slow client takes to send it, and forty such uploads would hold every
-    thread that all other requests need."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: T | None, error: BaseException | None) -> None:
-        if not future.done():
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(cast(T, result))
-
-    def run() -> None:
-        try:
-            result = function(*args)
-        except BaseException as e:
-            loop.call_soon_threadsafe(settle, None, e)
-        else:
-            loop.call_soon_threadsafe(settle, result, None)
-
-    threading.Thread(target=run, name="tessera-pack-upload", daemon=True).start()
-    return await future
 
 
 def _hash_and_write(hasher: Any, fd: int, chunks: list[bytes]) -> None:
