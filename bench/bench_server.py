@@ -16,8 +16,10 @@
 
 Every push and pull runs in a fresh child interpreter (as the server's first admin); its time is
 measured inside the child from opening the stores to the end of ``sync`` (interpreter start-up and
-imports excluded). Floors are measured before and after the first push (interleaved), and the best
-one is the reference. The floor is strict for small files: it writes each 16 MiB body to a file
+imports excluded). Floors and first pushes (each to a server started on an empty store) alternate,
+three of each, and the best of each is compared (the ratio of the medians is reported too): one
+run of either moves by +-15 % on two shared cores, and the best of several floors against a
+single push would count that noise against Tessera alone. The floor is strict for small files: it writes each 16 MiB body to a file
 and neither hashes nor syncs anything, where the server checks every blob's digest, writes the
 new ones to a durable pack file and records which project sent them; the per-file floor shows
 what one request per file costs on the plain side. Each figure's
@@ -29,6 +31,7 @@ Set ``TESSERA_BENCH_PROFILE=DIR`` to get a cProfile dump of every push/pull chil
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,11 +62,11 @@ class Sizes:
     small_max: int
     big_files: int
     big_size: int
-    floor_reps: int
+    reps: int  # first pushes (to a fresh server each), alternating with as many floors
 
 
-FULL = Sizes(10_000, 16 * KiB, 24 * KiB, 4, 256 * MiB, floor_reps=2)
-QUICK = Sizes(1_000, 16 * KiB, 24 * KiB, 4, 16 * MiB, floor_reps=2)
+FULL = Sizes(10_000, 16 * KiB, 24 * KiB, 4, 256 * MiB, reps=3)
+QUICK = Sizes(1_000, 16 * KiB, 24 * KiB, 4, 16 * MiB, reps=2)
 
 THROUGHPUT_FACTOR = 0.70  # push throughput >= 70% of the floor's
 SECOND_PUSH_SHARE = 0.05  # a second push takes <= 5% of the first's time
@@ -267,16 +270,23 @@ class Rig:
             workdir / "sink.log",
             "/health",
         )
-        port = free_port()
         self.server_log = workdir / "server.log"
-        self.server = HttpService(
+        self.servers = 0
+        self.server = self._start_server()
+
+    def _start_server(self) -> HttpService:
+        """A ``tessera server`` on a store of its own, and its first admin's token."""
+        self.servers += 1
+        store = self.workdir / f"server-store-{self.servers}"
+        port = free_port()
+        server = HttpService(
             [
                 sys.executable,
                 "-c",
                 "from tessera.cli import main; main()",
                 "server",
                 "--dir",
-                str(workdir / "server-store"),
+                str(store),
                 "--port",
                 str(port),
             ],
@@ -286,7 +296,14 @@ class Rig:
             env={"TESSERA_PROGRESS": "0"},
         )
         tokens = [ln.strip() for ln in self.server_log.read_text().splitlines()]
-        self.token = next(t for t in tokens if t.startswith("tsr_"))
+        self.token = [t for t in tokens if t.startswith("tsr_")][-1]
+        return server
+
+    def fresh_server(self) -> None:
+        """Replace the server by one on an empty store (the last one's is removed, untimed)."""
+        self.server.stop()
+        remove(self.workdir / f"server-store-{self.servers}")
+        self.server = self._start_server()
 
     def stop(self) -> None:
         self.server.stop()
@@ -373,6 +390,10 @@ def _with_cpu(child: Any, server_cpu: float) -> dict[str, Any]:
     return {**child.output, "client_cpu_s": child.cpu_seconds, "server_cpu_s": server_cpu}
 
 
+def _seconds(samples: list[dict[str, Any]]) -> str:
+    return " / ".join(f"{s['seconds']:.2f}" for s in samples) + " s"
+
+
 def _mibps(nbytes: int, seconds: float) -> float:
     return nbytes / MiB / seconds
 
@@ -424,12 +445,18 @@ def _measure(
     )
     bodies = _packs(files, pack_limit) if project == "small" else [[f] for f, _ in files]
 
-    log(f"server: {project}: floor upload, first push, floor upload (interleaved)")
-    floors = [rig.floor_upload(data / project, bodies, threads)]
-    first = rig.sync("push", project, local, f"push_{project}_first")
-    for _ in range(sizes.floor_reps - 1):
+    log(f"server: {project}: floor uploads and first pushes, alternating, {sizes.reps} each")
+    floors, firsts = [], []
+    for rep in range(sizes.reps):
         floors.append(rig.floor_upload(data / project, bodies, threads))
+        if rep:
+            rig.fresh_server()
+        firsts.append(rig.sync("push", project, local, f"push_{project}_first_{rep}"))
     floor = min(floors, key=lambda f: f["seconds"])
+    first = min(firsts, key=lambda f: f["seconds"])
+    median_ratio = statistics.median(f["seconds"] for f in floors) / statistics.median(
+        f["seconds"] for f in firsts
+    )
     log(f"server: {project}: second push")
     second = rig.sync("push", project, local, f"push_{project}_second")
 
@@ -445,13 +472,20 @@ def _measure(
             share=THROUGHPUT_FACTOR,
             notes=(
                 f"First `tessera push` of {shape} ({total / MiB:,.0f} MiB) to a fresh `tessera "
-                f"server` on loopback: {first['seconds']:.2f} s, {first['blobs']} blobs sent. "
+                f"server` on loopback (a fresh one each time), best of {len(firsts)}: "
+                f"{first['seconds']:.2f} s ({_seconds(firsts)}), {first['blobs']} blobs sent. "
                 f"Floor: the same bytes PUT with plain httpx to a trivial Starlette endpoint "
                 f"under the same uvicorn that writes each body to a file, {threads} threads, "
                 f"{len(bodies)} requests ({'bodies of <= ' + str(pack_limit // MiB) + ' MiB' if project == 'small' else 'one streamed file each'}), "
-                f"best of {len(floors)}: {floor['seconds']:.2f} s."
+                f"best of {len(floors)}: {floor['seconds']:.2f} s ({_seconds(floors)}). Floor and "
+                f"push alternate; the ratio of the medians is {median_ratio:.2f}."
             ),
-            extra={"push": first, "floor_samples": floors},
+            extra={
+                "push": first,
+                "push_samples": firsts,
+                "floor_samples": floors,
+                "median_ratio": median_ratio,
+            },
         ),
         result(
             f"server.push_{project}.second",
