@@ -223,6 +223,42 @@ def tree(root: Path) -> dict[str, bytes]:
     return out
 
 
+def test_small_files_are_read_whole_in_one_read_up_to_the_limit(work_dir: Path) -> None:
+    for size, expected in [(0, b""), (1, b"x"), (99, b"x" * 99), (100, None), (101, None)]:
+        path = work_dir / f"f{size}"
+        path.write_bytes(b"x" * size)
+        assert hashing.read_small(path, below=100) == expected
+
+
+def test_a_file_larger_than_its_stat_said_is_stored_whole(
+    work_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small files are read with one read of their size + 1 bytes (``hashing.read_small``). A
+    file that grew after its size was taken (simulated: fstat reports one byte less) gives
+    that read more than expected; it is then streamed to its end instead, so the blob and the
+    manifest hold every byte."""
+    src = work_dir / "src"
+    src.mkdir()
+    data = os.urandom(5000)
+    (src / "grown.bin").write_bytes(data)
+    real_fstat = os.fstat
+
+    def stale_fstat(fd: int) -> os.stat_result:
+        st = real_fstat(fd)
+        if st.st_size != len(data):
+            return st
+        return os.stat_result((*st[:6], st.st_size - 1, *st[7:10]))
+
+    monkeypatch.setattr(os, "fstat", stale_fstat)
+    with tessera.init(project="p", dir=work_dir / "store") as run:
+        version = log_dir(run, "grown", src)
+    monkeypatch.undo()
+    assert [(e.path, e.digest, e.size) for e in version.files()] == [
+        ("grown.bin", digest(data), len(data))
+    ]
+    assert on_disk(work_dir / "store")[digest(data)] == len(data)
+
+
 def test_download_and_open_give_back_identical_files(work_dir: Path) -> None:
     src = work_dir / "src"
     files = round_trip_files(src)

@@ -25,12 +25,12 @@ from typing import BinaryIO, Protocol, TypeVar
 
 from tessera.errors import DigestMismatchError, StoreCorruptError
 from tessera.store.hashing import (
-    CHUNK_SIZE,
     check_digest,
     file_pieces,
     hash_bytes,
     hash_file,
     new_hasher,
+    read_small,
 )
 from tessera.store.packs import (
     FRAME_HEADER,
@@ -523,12 +523,10 @@ class LocalWriteBatch:
 
     def put_file(self, path: str | os.PathLike[str]) -> tuple[str, int]:
         """Store a file's bytes, hashing exactly the bytes that are written (one read pass)."""
+        data = read_small(path)
+        if data is not None:  # read once, written only if the store lacks it
+            return self.put_bytes(data), len(data)
         with open(path, "rb", buffering=0) as src:
-            size = os.fstat(src.fileno()).st_size
-            if size < CHUNK_SIZE:
-                # Small files: read once, write only if the store lacks them.
-                data = src.read()
-                return self.put_bytes(data), len(data)
             return self.put_stream(file_pieces(src))
 
     def put_stream(self, chunks: Iterable[bytes], expected: str | None = None) -> tuple[str, int]:

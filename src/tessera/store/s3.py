@@ -38,6 +38,7 @@ from tessera.store.hashing import (
     hash_bytes,
     is_digest,
     new_hasher,
+    read_small,
 )
 from tessera.store.packs import PackReceipt, checked_frames
 
@@ -389,11 +390,10 @@ class S3WriteBatch:
         self._put(digest, bytes(data))
 
     def put_file(self, path: str | os.PathLike[str]) -> tuple[str, int]:
+        data = read_small(path)
+        if data is not None:
+            return self.put_bytes(data), len(data)
         with open(path, "rb") as src:
-            size = os.fstat(src.fileno()).st_size
-            if size < CHUNK_SIZE:
-                data = src.read()
-                return self.put_bytes(data), len(data)
             return self.put_stream(file_pieces(src))
 
     def put_stream(self, chunks: Iterable[bytes], expected: str | None = None) -> tuple[str, int]:
