@@ -8,12 +8,11 @@ original bytes, in-memory images are encoded once as lossless PNG) plus a Parque
 from __future__ import annotations
 
 import csv
-import gc
 import os
 import random
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -27,6 +26,7 @@ from PIL import Image as PILImage
 from tessera.api.artifact import ArtifactVersion, files_below
 from tessera.backend.base import Backend, Source
 from tessera.errors import InvalidNameError, NotFoundError, TesseraError
+from tessera.gcpause import gc_paused
 from tessera.media import (
     FileImage,
     Pixels,
@@ -180,7 +180,7 @@ class Dataset:
         ``id="stem"`` makes the file name without extension the sample id; ``id="path"`` the
         path relative to ``root``.
         """
-        with _gc_paused():
+        with gc_paused():
             return cls._from_folder(root, labels, id, name, classes, description)
 
     @classmethod
@@ -241,20 +241,6 @@ class Dataset:
             label = rel.partition("/")[0] if by_folder else None
             dataset._append(sample_id(key), Path(prefix + rel), label, {})
         return dataset
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """The cyclic garbage collector paused while many long-lived objects are made: it ran so
-    often while a 10,000-image folder became samples that it took half of that step's time.
-    Nothing made there holds a cycle; collection resumes as it was afterwards."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _image_files(root: Path) -> list[str]:

@@ -17,6 +17,7 @@ from tessera.api.artifact import Artifact, ArtifactVersion
 from tessera.api.versions import version_object
 from tessera.backend.base import Backend
 from tessera.errors import NotFoundError, RunFinishedError
+from tessera.gcpause import gc_paused
 from tessera.jsonvalues import to_json
 from tessera.names import check_alias, check_name, parse_version_spec
 from tessera.runtime import HEARTBEAT_SECONDS
@@ -130,19 +131,20 @@ class Run:
             raise ValueError(
                 f"artifact {artifact.name!r} has no files; add some with add_file or add_dir"
             )
-        entries = self._backend.upload(self.project, list(artifact._sources.values()))
-        manifest = Manifest.build(entries, artifact.metadata)
-        digest = self._backend.put_manifest(self.project, manifest)
-        record, _created = self._backend.commit_version(
-            project=self.project,
-            name=artifact.name,
-            type=artifact.type,
-            description=artifact.description,
-            manifest=manifest,
-            digest=digest,
-            run_id=self.id,
-            aliases=aliases,
-        )
+        with gc_paused():
+            entries = self._backend.upload(self.project, list(artifact._sources.values()))
+            manifest = Manifest.build(entries, artifact.metadata)
+            digest = self._backend.put_manifest(self.project, manifest)
+            record, _created = self._backend.commit_version(
+                project=self.project,
+                name=artifact.name,
+                type=artifact.type,
+                description=artifact.description,
+                manifest=manifest,
+                digest=digest,
+                run_id=self.id,
+                aliases=aliases,
+            )
         return ArtifactVersion(self._backend, record, manifest, run=self)
 
     def use_artifact(self, spec: str) -> ArtifactVersion:
@@ -165,18 +167,19 @@ class Run:
         if not isinstance(dataset, Dataset):
             raise TypeError(f"log_dataset takes a tessera.Dataset, got {type(dataset).__name__}")
         aliases = _aliases(aliases)
-        manifest = store_dataset(self._backend, self.project, dataset)
-        digest = self._backend.put_manifest(self.project, manifest)
-        record, _created = self._backend.commit_version(
-            project=self.project,
-            name=dataset.name,
-            type="dataset",
-            description=dataset.description,
-            manifest=manifest,
-            digest=digest,
-            run_id=self.id,
-            aliases=aliases,
-        )
+        with gc_paused():
+            manifest = store_dataset(self._backend, self.project, dataset)
+            digest = self._backend.put_manifest(self.project, manifest)
+            record, _created = self._backend.commit_version(
+                project=self.project,
+                name=dataset.name,
+                type="dataset",
+                description=dataset.description,
+                manifest=manifest,
+                digest=digest,
+                run_id=self.id,
+                aliases=aliases,
+            )
         self._datasets.append(record.id)
         return DatasetVersion(self._backend, record, manifest, run=self)
 
