@@ -766,3 +766,28 @@ def test_a_folder_of_thumbnails_logs_the_same_with_the_probe_helper(tmp_path, mo
         with pytest.raises(tessera.ImageError, match=r"t037\.png is not a readable image"):
             run.log_dataset(tessera.Dataset.from_folder(tmp_path / "imgs", name="thumbs"))
         assert store_state(store) == state
+
+
+def test_a_sample_table_that_reads_back_damaged_is_not_indexed(tmp_path, monkeypatch):
+    """The commit reads the sample table back to index its samples, and checks it against its
+    digest: bytes the store gives back altered (a damaged bucket or disk) refuse the commit,
+    which records no version."""
+    from tessera.errors import StoreCorruptError
+    from tessera.store.blobs import LocalBlobStore
+
+    ds = tessera.Dataset("tiny", classes=["a", "b"])
+    for i in range(3):
+        ds.add(f"s{i}", np.full((4, 4), i, dtype=np.uint8), i % 2)
+    real_read = LocalBlobStore.read
+
+    def damaged_read(self: LocalBlobStore, digest: str) -> bytes:
+        data = real_read(self, digest)
+        return data[:-1] + bytes([data[-1] ^ 1]) if data.startswith(b"PAR1") else data
+
+    monkeypatch.setattr(LocalBlobStore, "read", damaged_read)
+    with tessera.init(project="p", dir=tmp_path / "store") as run:
+        with pytest.raises(StoreCorruptError, match="sample table .* does not hash to its name"):
+            run.log_dataset(ds)
+    monkeypatch.undo()
+    with tessera.open_store(tmp_path / "store") as store:
+        assert store.artifacts() == []

@@ -179,9 +179,7 @@ class LocalBackend:
                 sorted(missing),
             )
         samples = (
-            derived.sample_rows(manifest, self.store.blobs.local_path)
-            if type == "dataset"
-            else None
+            derived.sample_rows(manifest, self.store.blobs.read) if type == "dataset" else None
         )
         table = derived.table_row(type, name, manifest, self._find_dataset)
         return self.catalog.commit_version(
