@@ -785,9 +785,11 @@ def test_a_sample_table_that_reads_back_damaged_is_not_indexed(tmp_path, monkeyp
         return data[:-1] + bytes([data[-1] ^ 1]) if data.startswith(b"PAR1") else data
 
     monkeypatch.setattr(LocalBlobStore, "read", damaged_read)
-    with tessera.init(project="p", dir=tmp_path / "store") as run:
-        with pytest.raises(StoreCorruptError, match="sample table .* does not hash to its name"):
-            run.log_dataset(ds)
+    with (
+        tessera.init(project="p", dir=tmp_path / "store") as run,
+        pytest.raises(StoreCorruptError, match="sample table .* does not hash to its name"),
+    ):
+        run.log_dataset(ds)
     monkeypatch.undo()
     with tessera.open_store(tmp_path / "store") as store:
         assert store.artifacts() == []

@@ -35,6 +35,7 @@ import pytest
 
 import tessera
 from conftest import blob_files, make_files
+from tessera.files import read_small
 from tessera.store import blobs as blobs_module
 from tessera.store import hashing
 from tessera.store.hashing import CHUNK_SIZE
@@ -227,13 +228,13 @@ def test_small_files_are_read_whole_in_one_read_up_to_the_limit(work_dir: Path) 
     for size, expected in [(0, b""), (1, b"x"), (99, b"x" * 99), (100, None), (101, None)]:
         path = work_dir / f"f{size}"
         path.write_bytes(b"x" * size)
-        assert hashing.read_small(path, below=100) == expected
+        assert read_small(path, below=100) == expected
 
 
 def test_a_file_larger_than_its_stat_said_is_stored_whole(
     work_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Small files are read with one read of their size + 1 bytes (``hashing.read_small``). A
+    """Small files are read with one read of their size + 1 bytes (``files.read_small``). A
     file that grew after its size was taken (simulated: fstat reports one byte less) gives
     that read more than expected; it is then streamed to its end instead, so the blob and the
     manifest hold every byte."""

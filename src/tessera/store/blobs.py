@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import BinaryIO, Protocol, TypeVar
 
 from tessera.errors import DigestMismatchError, StoreCorruptError
+from tessera.files import read_small
 from tessera.store.hashing import (
+    CHUNK_SIZE,
     check_digest,
     file_pieces,
     hash_bytes,
     hash_file,
     new_hasher,
-    read_small,
 )
 from tessera.store.packs import (
     FRAME_HEADER,
@@ -523,7 +524,7 @@ class LocalWriteBatch:
 
     def put_file(self, path: str | os.PathLike[str]) -> tuple[str, int]:
         """Store a file's bytes, hashing exactly the bytes that are written (one read pass)."""
-        data = read_small(path)
+        data = read_small(path, CHUNK_SIZE)
         if data is not None:  # read once, written only if the store lacks it
             return self.put_bytes(data), len(data)
         with open(path, "rb", buffering=0) as src:

@@ -16,6 +16,7 @@ from typing import BinaryIO, cast
 import blake3
 
 from tessera.errors import DigestMismatchError
+from tessera.files import read_small
 
 ALGORITHM = "blake3"
 DIGEST_HEX_LENGTH = 64
@@ -43,25 +44,6 @@ os.register_at_fork(after_in_child=_after_fork)
 
 def _threads() -> int:
     return 1 if _forked else blake3.blake3.AUTO
-
-
-def read_small(path: str | os.PathLike[str], below: int = CHUNK_SIZE) -> bytes | None:
-    """The whole file, if it is smaller than ``below`` bytes: read with four system calls (open,
-    fstat, one read of its size + 1 to see the end, close). None for a larger file, or one
-    whose size changed or that came back short: the caller then streams it, reading to the end.
-
-    ``open(path, "rb").read()`` makes about ten (isatty, lseek, fstat twice, a read to see the
-    end), and each lets another thread take the GIL: with 32 threads storing small files in a
-    bucket, those hand-overs cost more CPU than the reads did (docs/decisions.md)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        if size >= below:
-            return None
-        data = os.read(fd, size + 1)
-    finally:
-        os.close(fd)
-    return data if len(data) == size else None
 
 
 def file_pieces(f: BinaryIO) -> Iterator[bytes]:

@@ -30,6 +30,7 @@ from obstore.exceptions import NotFoundError as ObjectNotFound
 from obstore.store import S3Store
 
 from tessera.errors import AuthError, DigestMismatchError, StoreCorruptError, StoreFormatError
+from tessera.files import read_small
 from tessera.store.blobs import BlobInfo, LocalBlobStore
 from tessera.store.hashing import (
     CHUNK_SIZE,
@@ -38,7 +39,6 @@ from tessera.store.hashing import (
     hash_bytes,
     is_digest,
     new_hasher,
-    read_small,
 )
 from tessera.store.packs import PackReceipt, checked_frames
 
@@ -390,7 +390,7 @@ class S3WriteBatch:
         self._put(digest, bytes(data))
 
     def put_file(self, path: str | os.PathLike[str]) -> tuple[str, int]:
-        data = read_small(path)
+        data = read_small(path, CHUNK_SIZE)
         if data is not None:
             return self.put_bytes(data), len(data)
         with open(path, "rb") as src:
