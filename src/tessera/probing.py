@@ -34,7 +34,8 @@ CHUNK = 256
 IN_FLIGHT = 2  # chunks sent to the helper ahead of its answers, so it never waits for us
 
 _HELPER = r"""
-import json, queue, sys, threading, types
+import gc, json, queue, sys, threading, types
+gc.disable()  # a short-lived process whose objects hold no cycles (see tessera/gcpause.py)
 # A bare package object: tessera/__init__.py would import SQLAlchemy and the whole API (0.3 s)
 # for a helper that needs media.py and errors.py alone.
 package = types.ModuleType("tessera")
