@@ -27,6 +27,7 @@ from tessera import progress, wire
 from tessera.backend.base import Source
 from tessera.backend.ingest import digest_sources
 from tessera.errors import DigestMismatchError, MissingBlobsError, TesseraError
+from tessera.files import read_small
 from tessera.names import VersionSpec
 from tessera.runtime import this_process
 from tessera.store import Store
@@ -548,7 +549,13 @@ def _file_chunks(path: Path | Callable[[], Path]) -> Callable[[], Iterator[bytes
     """The bytes of a file, read when asked for (the path itself may be found then)."""
 
     def chunks() -> Iterator[bytes]:
-        with open(path() if callable(path) else path, "rb") as f:
+        where = path() if callable(path) else path
+        data = read_small(where, CHUNK_SIZE)  # a small file in one read (tessera/files.py)
+        if data is not None:
+            if data:
+                yield data
+            return
+        with open(where, "rb") as f:
             yield from file_pieces(f)
 
     return chunks
