@@ -8,10 +8,9 @@ this run, on PostgreSQL 15 and SeaweedFS started here (``tests/services.py``).
     as a plain artifact (``add_dir`` + ``log_artifact``), each against raw ``obstore.put`` of the
     same files' bytes with the same number of threads as Tessera's ingest (the target), and for
     information against raw conditional creates (``mode="create"``), the operation Tessera
-    must use. Floor and Tessera runs alternate, three of each, and the best of each is
-    compared: on two cores shared with SeaweedFS and PostgreSQL one run of either moves by
-    +-15 %, and the best of several floors against a single Tessera run would count that noise
-    against Tessera. The ratio of the medians is reported too.
+    must use. Floor and Tessera run in five back-to-back pairs, and the target is judged on the
+    median of the pairs' ratios (``benchlib.paired_throughput_result``): on two cores shared with
+    SeaweedFS and PostgreSQL one run of either moves by 15-40 %.
 (b) 10 prediction rounds of 100,000 rows (``run.log_predictions(dsv, ids, pred=, scores=)``)
     against a 100,000-sample dataset, each round followed by the floor: the prediction columns
     written as zstd Parquet (pyarrow) and stored with one ``obstore.put``, plus one psycopg
@@ -35,7 +34,15 @@ from typing import Any
 
 import numpy as np
 
-from benchlib import div, flush_dirty_pages, log, result, run_python, throughput_result
+from benchlib import (
+    alternating,
+    div,
+    flush_dirty_pages,
+    log,
+    paired_throughput_result,
+    result,
+    run_python,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -47,10 +54,10 @@ class Sizes:
     samples: int  # of the dataset the predictions are logged against
     rounds: int
     pool: int  # distinct images in that dataset
-    reps: int  # ingests of each kind, alternating with as many floors; the best of each counts
+    reps: int  # pairs of a floor and an ingest of each kind (benchlib.alternating)
 
 
-FULL = Sizes(images=10_000, samples=100_000, rounds=10, pool=1_000, reps=3)
+FULL = Sizes(images=10_000, samples=100_000, rounds=10, pool=1_000, reps=5)
 QUICK = Sizes(images=1_000, samples=10_000, rounds=3, pool=200, reps=2)
 
 INGEST_FACTOR = 0.70  # ingest throughput >= 70% of raw obstore puts
@@ -323,31 +330,29 @@ def _ingest(services: Services, workdir: Path, sizes: Sizes) -> list[dict[str, A
     total = sum(Path(f).stat().st_size for f in files)
     rows = []
     for kind in ("dataset", "artifact"):
-        log(
-            f"scaleout: raw obstore puts and Tessera {kind} ingests, alternating, {sizes.reps} each"
-        )
-        floors, ingests = [], []
-        for _rep in range(sizes.reps):
+        log(f"scaleout: raw obstore puts and Tessera {kind} ingests, {sizes.reps} pairs")
+
+        def floor_run() -> float:
             _env, _db, prefix = services.fresh_store()
             flush_dirty_pages()
             child = run_python(
                 RAW_PUTS, {**services.s3_args(prefix), "files": files, "threads": threads}
             )
-            floors.append(child.output["seconds"])
+            return float(child.output["seconds"])
+
+        def ingest_run(kind: str = kind) -> dict[str, Any]:
             env, _db, _prefix = services.fresh_store()
             flush_dirty_pages()
             store = workdir / f"store-{kind}"
-            ingests.append(
-                run_python(
-                    INGEST,
-                    {"store": str(store), "images": str(folder), "kind": kind},
-                    env=env,
-                ).output
-            )
+            out = run_python(
+                INGEST, {"store": str(store), "images": str(folder), "kind": kind}, env=env
+            ).output
             shutil.rmtree(store, ignore_errors=True)
-        floor = min(floors)
-        out = min(ingests, key=lambda o: o["seconds"])
+            return out
+
+        floors, ingests = alternating(sizes.reps, floor_run, ingest_run)
         seconds = [o["seconds"] for o in ingests]
+        out = ingests[0]
         # The conditional create Tessera must use (concurrent writers of one blob), done raw:
         # informational, to show how much of the gap to plain puts that operation is.
         _env, _db, prefix = services.fresh_store()
@@ -356,40 +361,29 @@ def _ingest(services: Services, workdir: Path, sizes: Sizes) -> list[dict[str, A
             RAW_PUTS,
             {**services.s3_args(prefix), "files": files, "threads": threads, "mode": "create"},
         ).output["seconds"]
-        rate, floor_rate = len(files) / out["seconds"], len(files) / floor
+        rate = len(files) / statistics.median(seconds)
         what = (
             "Dataset.from_folder + log_dataset (sample table, pixel digests, catalog index)"
             if kind == "dataset"
             else "Artifact.add_dir + log_artifact"
         )
-        median_ratio = statistics.median(floors) / statistics.median(seconds)
         rows.append(
-            throughput_result(
+            paired_throughput_result(
                 f"scaleout.ingest_{kind}",
-                rate,
                 "images/s",
-                floor=floor_rate,
+                len(files),
+                floors,
+                seconds,
                 floor_name=f"raw obstore.put, {threads} threads",
                 share=INGEST_FACTOR,
                 notes=(
                     f"{len(files)} PNGs of 28x28 ({source}, {total / 1024**2:.1f} MiB) logged "
-                    f"with {what} on PostgreSQL 15 + SeaweedFS S3 (fresh database and prefix "
-                    f"each time), best of {len(seconds)}: {out['seconds']:.2f} s "
-                    f"({_seconds(seconds)}), {out['spec']} (plus "
-                    f"{out['first_use_imports_s']:.2f} s of imports on first use, untimed). "
-                    f"Floor: obstore.put of each file's bytes, {threads} threads (Tessera's S3 "
-                    f"write threads), best of {len(floors)}: {floor:.2f} s ({_seconds(floors)}). "
-                    f"Floor and Tessera alternate, each run on a fresh prefix of one bucket "
-                    f"that fills as the benchmark goes; the ratio of the medians is "
-                    f"{median_ratio:.2f}."
+                    f"with {what} on PostgreSQL 15 + SeaweedFS S3, a fresh database and prefix "
+                    f"each time ({out['spec']}; {out['first_use_imports_s']:.2f} s of imports on "
+                    f"first use, untimed). Floor: obstore.put of each file's bytes, {threads} "
+                    f"threads (Tessera's S3 write threads), on a fresh prefix of the same bucket."
                 ),
-                extra={
-                    "tessera": out,
-                    "tessera_samples_s": seconds,
-                    "floor_samples_s": floors,
-                    "median_ratio": median_ratio,
-                    "bytes": total,
-                },
+                extra={"tessera": ingests, "bytes": total},
             )
         )
         rows.append(
@@ -404,17 +398,14 @@ def _ingest(services: Services, workdir: Path, sizes: Sizes) -> list[dict[str, A
                 notes=(
                     f"The same ingest against raw conditional creates (If-None-Match: *, which "
                     f"Tessera must use so that concurrent writers of one blob are safe) of the "
-                    f"same files: {creates:.2f} s, one run after the others. Informational; "
+                    f"same files: {creates:.2f} s, one run after the others, against the median "
+                    f"ingest. Informational; "
                     f"the target is judged against plain puts above."
                 ),
             )
         )
     shutil.rmtree(folder, ignore_errors=True)
     return rows
-
-
-def _seconds(samples: list[float]) -> str:
-    return " / ".join(f"{s:.2f}" for s in samples) + " s"
 
 
 def _predictions(services: Services, workdir: Path, sizes: Sizes) -> list[dict[str, Any]]:

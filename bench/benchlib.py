@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -18,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 KiB = 1024
 MiB = 1024 * 1024
@@ -94,6 +95,76 @@ def throughput_result(
         passed=ratio is not None and ratio >= share,
         notes=notes,
         extra=extra,
+    )
+
+
+T = TypeVar("T")
+
+
+def alternating(
+    pairs: int, floor: Callable[[], T], measured: Callable[[], T]
+) -> tuple[list[T], list[T]]:
+    """``pairs`` runs of each, back to back in pairs: floor then measured, then measured then
+    floor, and so on, so that a machine that speeds up or slows down meanwhile favours neither.
+    Returns (floor runs, measured runs), pair by pair."""
+    floors: list[T] = []
+    measures: list[T] = []
+    for pair in range(pairs):
+        if pair % 2 == 0:
+            floors.append(floor())
+            measures.append(measured())
+        else:
+            measures.append(measured())
+            floors.append(floor())
+    return floors, measures
+
+
+def paired_throughput_result(
+    name: str,
+    unit: str,
+    work: float,
+    floor_seconds: list[float],
+    measured_seconds: list[float],
+    *,
+    floor_name: str,
+    share: float,
+    notes: str,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A throughput (``work`` units per second) judged against its floor pair by pair: the
+    median over pairs of floor time / measured time must reach ``share``.
+
+    On two cores shared with the servers under test, one run of either side moves by 15-40 %,
+    in spells that last seconds; the two runs of a pair are seconds apart and mostly share a
+    spell, where the best or the median of each side taken apart compares different moments
+    (docs/decisions.md). The value and the reference are the medians' throughputs."""
+    ratios = [f / m for f, m in zip(floor_seconds, measured_seconds, strict=True)]
+    ratio = statistics.median(ratios)
+    best = min(floor_seconds) / min(measured_seconds)
+    return result(
+        name,
+        work / statistics.median(measured_seconds),
+        unit,
+        reference=work / statistics.median(floor_seconds),
+        reference_name=floor_name,
+        ratio=ratio,
+        ratio_meaning="median over run pairs of floor time / measured time",
+        target=f">= {share:.0%} of the floor",
+        passed=ratio >= share,
+        notes=(
+            f"{notes} Times, pair by pair (floor / measured): "
+            + ", ".join(
+                f"{f:.2f} / {m:.2f} s" for f, m in zip(floor_seconds, measured_seconds, strict=True)
+            )
+            + f"; ratios {', '.join(f'{r:.2f}' for r in ratios)}; best against best {best:.2f}."
+        ),
+        extra={
+            **(extra or {}),
+            "pair_ratios": ratios,
+            "best_ratio": best,
+            "floor_samples_s": floor_seconds,
+            "measured_samples_s": measured_seconds,
+        },
     )
 
 
