@@ -793,3 +793,35 @@ def test_a_sample_table_that_reads_back_damaged_is_not_indexed(tmp_path, monkeyp
     monkeypatch.undo()
     with tessera.open_store(tmp_path / "store") as store:
         assert store.artifacts() == []
+
+
+def test_an_image_file_that_changes_between_decoding_and_upload_is_refused(tmp_path, monkeypatch):
+    """The probe hashes each file before decoding it; if the bytes the upload then reads hash
+    otherwise, the sample's recorded pixels, size and format would describe other bytes than
+    the stored ones, so nothing is committed and the error names a changed file."""
+    from tessera.backend.local import LocalBackend
+
+    folder = tmp_path / "imgs" / "a"
+    paths = _tiny_pngs(folder, 40)
+    real_upload = LocalBackend.upload
+    edits = []
+
+    def upload_after_an_edit(self, project, sources):
+        if not edits:  # the images' upload, which comes after every image was decoded
+            PILImage.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(paths[7])
+            edits.append(paths[7])
+        return real_upload(self, project, sources)
+
+    monkeypatch.setattr(LocalBackend, "upload", upload_after_an_edit)
+    with tessera.init(project="p", dir=tmp_path / "store") as run:
+        ds = tessera.Dataset.from_folder(tmp_path / "imgs")
+        with pytest.raises(tessera.DatasetError, match=r"1 image files changed .*t007\.png"):
+            run.log_dataset(ds)
+        assert edits == [paths[7]]
+    monkeypatch.undo()
+    with tessera.open_store(tmp_path / "store") as store:
+        assert store.artifacts() == []
+    with tessera.init(project="p", dir=tmp_path / "store") as run:  # stable now: logged
+        version = run.log_dataset(tessera.Dataset.from_folder(tmp_path / "imgs"))
+    expected = PILImage.open(paths[7])
+    assert np.array_equal(version.array("t007"), np.asarray(expected))

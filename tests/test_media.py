@@ -10,6 +10,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
@@ -28,8 +29,14 @@ def pillow_probe(source: Path | bytes) -> FileImage:
     """probe_file as it was before the fast path: Pillow's PNG plugin decodes."""
     image = open_image(source)
     pixels = canonical_pixels(image)
+    data = source if isinstance(source, bytes) else source.read_bytes()
     return FileImage(
-        pixels.width, pixels.height, pixels.channels, image.format.lower(), pixels.digest()
+        pixels.width,
+        pixels.height,
+        pixels.channels,
+        image.format.lower(),
+        pixels.digest(),
+        blake3.blake3(data).hexdigest(),
     )
 
 

@@ -16,7 +16,7 @@ import zlib
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import blake3
 import numpy as np
@@ -160,13 +160,15 @@ def _from_array(array: np.ndarray, chw: bool) -> Pixels:
 
 @dataclass(frozen=True)
 class FileImage:
-    """What decoding an image file tells: its size, format and the pixel digest."""
+    """What decoding an image file tells: its size, format and pixel digest, and the digest of
+    the file's bytes (BLAKE3, the store's blob name), taken before they were decoded."""
 
     width: int
     height: int
     channels: int
     format: str
     pixels: str
+    file_digest: str
 
     def media(self) -> dict[str, Any]:
         return {
@@ -195,37 +197,54 @@ def open_image(source: str | os.PathLike[str] | bytes) -> PILImage.Image:
 
 
 def probe_file(path: str | os.PathLike[str] | bytes) -> FileImage:
-    """Decode an image file (or its bytes) once: size, format and the pixel digest of
-    ``np.asarray(image)``."""
-    data = path if isinstance(path, bytes) else None
-    if data is None and os.fspath(path).lower().endswith(".png"):
-        with suppress(OSError):  # if unreadable, Pillow says why
-            data = read_small(path, _PLAIN_PNG_MAX_BYTES)
-    # A PNG that _plain_png declines is read again by Pillow, from its path, so that its
-    # errors name the file (given bytes, they name a BytesIO object).
+    """Decode an image file (or its bytes) once: size, format, the pixel digest of
+    ``np.asarray(image)``, and the digest of the file's bytes.
+
+    The bytes are hashed before they are decoded, so if the file changes after that, the digest
+    of what is later uploaded differs from this one, which ``store_dataset`` refuses: the pixel
+    digest, size and format recorded for a sample always describe the bytes stored for it."""
+    data, file_digest = (path, None) if isinstance(path, bytes) else (None, None)
+    with suppress(OSError):  # if unreadable, Pillow says why below
+        if data is None:
+            data = read_small(path, _WHOLE_FILE_MAX_BYTES)
+        file_digest = _streamed_digest(path) if data is None else blake3.blake3(data).hexdigest()
     plain = _plain_png(data) if data is not None else None
-    if plain is not None:
+    if plain is not None and file_digest is not None:
         # Already canonical (8-bit L, RGB or RGBA): np.asarray(plain) would be these bytes in
         # this shape, so hash them without NumPy (a fifth of a thumbnail's probe).
         (width, height), channels = plain.size, len(plain.mode)
         shape = (height, width) if channels == 1 else (height, width, channels)
-        return FileImage(
-            width, height, channels, "png", _pixel_digest(shape, "|u1", plain.tobytes())
-        )
+        pixels = _pixel_digest(shape, "|u1", plain.tobytes())
+        return FileImage(width, height, channels, "png", pixels, file_digest)
+    # Anything else is decoded by Pillow, from the path, so that its errors name the file
+    # (given bytes, they name a BytesIO object).
     image = open_image(path)
-    pixels = canonical_pixels(image)
+    canonical = canonical_pixels(image)
     fmt = image.format
     if not fmt:  # the file name's suffix, looked at only when needed (a Path costs 4 µs)
         fmt = "" if isinstance(path, bytes) else Path(path).suffix.lstrip(".")
     fmt = (fmt or "unknown").lower()
-    return FileImage(pixels.width, pixels.height, pixels.channels, fmt, pixels.digest())
+    if file_digest is None:  # unreadable a moment ago, yet Pillow read it
+        file_digest = _streamed_digest(cast(str, path))
+    return FileImage(
+        canonical.width, canonical.height, canonical.channels, fmt, canonical.digest(), file_digest
+    )
+
+
+def _streamed_digest(path: str | os.PathLike[str]) -> str:
+    """The BLAKE3 digest of a file too large to read whole (mapped, one thread: the probe may
+    run in a forked child, where BLAKE3's threads would hang; see store/hashing.py)."""
+    hasher = blake3.blake3()
+    hasher.update_mmap(path)
+    return hasher.hexdigest()
 
 
 # The PNGs that _plain_png decodes: 8 bits per sample, grey, RGB or RGBA (IHDR bit depth and
 # colour type -> Pillow mode), not interlaced, and no chunk that changes what the pixels mean.
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# Larger PNG files go to Pillow, which reads them in pieces, instead of being read whole.
-_PLAIN_PNG_MAX_BYTES = 64 * 1024 * 1024
+# Image files larger than this are hashed mapped and decoded by Pillow from their path, not read
+# whole first.
+_WHOLE_FILE_MAX_BYTES = 64 * 1024 * 1024
 _PLAIN_PNG_MODES = {(8, 0): "L", (8, 2): "RGB", (8, 6): "RGBA"}
 _PIXEL_NEUTRAL_CHUNKS = {
     b"gAMA",

@@ -60,7 +60,9 @@ for line in iter(requests.get, None):
     for path in json.loads(line):
         try:
             info = probe_file(path)
-            out.append([info.width, info.height, info.channels, info.format, info.pixels])
+            out.append(
+                [info.width, info.height, info.channels, info.format, info.pixels, info.file_digest]
+            )
         except ImageError:
             out.append(None)  # the parent probes it again and raises its own error
     sys.stdout.write(json.dumps(out) + "\n")
@@ -156,7 +158,7 @@ def _parse_answer(line: str, count: int) -> list[FileImage | None]:
             continue
         if not (
             isinstance(answer, list)
-            and len(answer) == 5
+            and len(answer) == 6
             and all(isinstance(v, int) and not isinstance(v, bool) for v in answer[:3])
             and all(isinstance(v, str) for v in answer[3:])
         ):

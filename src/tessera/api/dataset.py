@@ -302,24 +302,42 @@ def store_dataset(backend: Backend, project: str, ds: Dataset) -> Manifest:
         infos = probe_files([cast(Path, ds._samples[i].image) for i in files])
         probed = dict(zip(files, infos, strict=True))
 
-    def prepare(index: int) -> tuple[Source, str]:
+    def prepare(index: int) -> tuple[Source, str, str | None]:
+        """The sample's source, pixel digest, and the digest its file had when decoded."""
         sample = ds._samples[index]
         if isinstance(sample.image, Path):
             info = probed.get(index) or probe_file(sample.image)
             ext = file_extension(info.format)
             media = info.media()
-            return Source(
-                path=_image_path(sample.id, ext), local=sample.image, media=media
-            ), info.pixels
+            return (
+                Source(path=_image_path(sample.id, ext), local=sample.image, media=media),
+                info.pixels,
+                info.file_digest,
+            )
         png = sample.image.encode_png()
-        return Source(
-            path=_image_path(sample.id, ".png"), data=png, media=sample.image.media()
-        ), sample.image.digest()
+        return (
+            Source(path=_image_path(sample.id, ".png"), data=png, media=sample.image.media()),
+            sample.image.digest(),
+            None,  # bytes in memory: what is stored is what was encoded
+        )
 
     with ThreadPoolExecutor(_DECODE_WORKERS) as pool:
         prepared = map_chunked(pool, prepare, range(len(ds._samples)))
     sources = _unique_paths([p[0] for p in prepared])
     entries = backend.upload(project, sources)
+    changed = [
+        source.local
+        for source, entry, (_s, _p, decoded) in zip(sources, entries, prepared, strict=True)
+        if decoded is not None and entry.digest != decoded
+    ]
+    if changed:
+        raise DatasetError(
+            f"{len(changed)} image files changed while the dataset was being logged (e.g. "
+            f"{changed[0]}): the bytes stored for them are not those decoded a moment before; "
+            "nothing was committed. Log the dataset again once its files are stable. (If they "
+            "did not change, they were rewritten keeping their size and modification time, "
+            "which the stat cache cannot see: delete the store's cache/stat.sqlite first.)"
+        )
 
     columns: dict[str, list[Any]] = {
         "id": [],
@@ -329,7 +347,9 @@ def store_dataset(backend: Backend, project: str, ds: Dataset) -> Manifest:
         "height": [],
         "pixels": [],
     }
-    for sample, entry, (_source, pixels) in zip(ds._samples, entries, prepared, strict=True):
+    for sample, entry, (_source, pixels, _decoded) in zip(
+        ds._samples, entries, prepared, strict=True
+    ):
         media = entry.media or {}
         columns["id"].append(sample.id)
         columns["image"].append(entry.digest)
