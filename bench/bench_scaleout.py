@@ -399,8 +399,7 @@ def _ingest(services: Services, workdir: Path, sizes: Sizes) -> list[dict[str, A
                     f"The same ingest against raw conditional creates (If-None-Match: *, which "
                     f"Tessera must use so that concurrent writers of one blob are safe) of the "
                     f"same files: {creates:.2f} s, one run after the others, against the median "
-                    f"ingest. Informational; "
-                    f"the target is judged against plain puts above."
+                    f"ingest. Informational; the target is judged against plain puts above."
                 ),
             )
         )

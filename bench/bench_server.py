@@ -18,10 +18,11 @@ Every push and pull runs in a fresh child interpreter (as the server's first adm
 measured inside the child from opening the stores to the end of ``sync`` (interpreter start-up and
 imports excluded). Floors and first pushes (each to a server started on an empty store) run in
 five back-to-back pairs, and the target is judged on the median of the pairs' ratios
-(``benchlib.paired_throughput_result``): one run of either moves by 15-40 % on two shared cores. The floor is strict for small files: it writes each 16 MiB body to a file
-and neither hashes nor syncs anything, where the server checks every blob's digest, writes the
-new ones to a durable pack file and records which project sent them; the per-file floor shows
-what one request per file costs on the plain side. Each figure's
+(``benchlib.paired_throughput_result``): one run of either moves by 15-40 % on two shared cores.
+The floor is strict for small files: it writes each 16 MiB body to a file and neither hashes nor
+syncs anything, where the server checks every blob's digest, writes the new ones to a durable
+pack file and records which project sent them; the per-file floor shows what one request per
+file costs on the plain side. Each figure's
 ``extra`` also holds the CPU seconds of both ends (client child from ``wait4``, server from
 ``/proc``): on a busy machine they say more than wall times.
 Set ``TESSERA_BENCH_PROFILE=DIR`` to get a cProfile dump of every push/pull child in DIR.
@@ -499,7 +500,7 @@ def _measure(
         log("server: small: floor of one PUT per file (informational)")
         per_file = rig.floor_upload(data / project, [[f] for f, _ in files], threads)
         rate = _mibps(total, per_file["seconds"])
-        push_rate = _mibps(total, first_seconds)
+        push_rate = rows[0]["value"]  # the median first push's throughput
         rows.append(
             result(
                 "server.push_small.per_file_floor",

@@ -203,7 +203,8 @@ def probe_file(path: str | os.PathLike[str] | bytes) -> FileImage:
     The bytes are hashed before they are decoded, so if the file changes after that, the digest
     of what is later uploaded differs from this one, which ``store_dataset`` refuses: the pixel
     digest, size and format recorded for a sample always describe the bytes stored for it."""
-    data, file_digest = (path, None) if isinstance(path, bytes) else (None, None)
+    data = path if isinstance(path, bytes) else None
+    file_digest = None
     with suppress(OSError):  # if unreadable, Pillow says why below
         if data is None:
             data = read_small(path, _WHOLE_FILE_MAX_BYTES)

@@ -21,7 +21,7 @@ from tessera.gcpause import gc_paused
 from tessera.jsonvalues import to_json
 from tessera.names import check_alias, check_name, parse_version_spec
 from tessera.runtime import HEARTBEAT_SECONDS
-from tessera.store.catalog import RunRecord
+from tessera.store.catalog import RunRecord, VersionRecord
 from tessera.store.manifest import Manifest
 
 if TYPE_CHECKING:
@@ -119,6 +119,29 @@ class Run:
             self.summary._data.update(values)
             self._backend.log_metrics(self.id, step, values, self.summary._data)
 
+    def _commit(
+        self,
+        manifest: Manifest,
+        name: str,
+        type: str,
+        description: str | None,
+        aliases: tuple[str, ...] = (),
+    ) -> VersionRecord:
+        """Store ``manifest`` (its files are stored already) and record it as a version of
+        ``name`` logged by this run: the new version, or the identical one that existed."""
+        digest = self._backend.put_manifest(self.project, manifest)
+        record, _created = self._backend.commit_version(
+            project=self.project,
+            name=name,
+            type=type,
+            description=description,
+            manifest=manifest,
+            digest=digest,
+            run_id=self.id,
+            aliases=aliases,
+        )
+        return record
+
     def log_artifact(
         self, artifact: Artifact, aliases: tuple[str, ...] | list[str] = ()
     ) -> ArtifactVersion:
@@ -134,16 +157,8 @@ class Run:
         with gc_paused():
             entries = self._backend.upload(self.project, list(artifact._sources.values()))
             manifest = Manifest.build(entries, artifact.metadata)
-            digest = self._backend.put_manifest(self.project, manifest)
-            record, _created = self._backend.commit_version(
-                project=self.project,
-                name=artifact.name,
-                type=artifact.type,
-                description=artifact.description,
-                manifest=manifest,
-                digest=digest,
-                run_id=self.id,
-                aliases=aliases,
+            record = self._commit(
+                manifest, artifact.name, artifact.type, artifact.description, aliases
             )
         return ArtifactVersion(self._backend, record, manifest, run=self)
 
@@ -169,17 +184,7 @@ class Run:
         aliases = _aliases(aliases)
         with gc_paused():
             manifest = store_dataset(self._backend, self.project, dataset)
-            digest = self._backend.put_manifest(self.project, manifest)
-            record, _created = self._backend.commit_version(
-                project=self.project,
-                name=dataset.name,
-                type="dataset",
-                description=dataset.description,
-                manifest=manifest,
-                digest=digest,
-                run_id=self.id,
-                aliases=aliases,
-            )
+            record = self._commit(manifest, dataset.name, "dataset", dataset.description, aliases)
         self._datasets.append(record.id)
         return DatasetVersion(self._backend, record, manifest, run=self)
 
@@ -206,16 +211,7 @@ class Run:
         manifest, row, unmatched, new_bytes = store_table(
             self._backend, self.project, name, table, prefer=self._datasets
         )
-        digest = self._backend.put_manifest(self.project, manifest)
-        record, _created = self._backend.commit_version(
-            project=self.project,
-            name=name,
-            type="table",
-            description=None,
-            manifest=manifest,
-            digest=digest,
-            run_id=self.id,
-        )
+        record = self._commit(manifest, name, "table", None)
         if row.dataset_version_id is not None:
             self._backend.record_use(self.id, row.dataset_version_id)
         if unmatched:

@@ -97,6 +97,17 @@ class BlobStore(Protocol):
     def local_path(self, digest: str) -> Path | None: ...
 
 
+def store_file(writer: BlobWriter, path: str | os.PathLike[str]) -> tuple[str, int]:
+    """Store a file's bytes through ``writer``, hashing exactly the bytes that are written (one
+    read pass): a small file read whole (``files.read_small``) and stored as bytes, written only
+    if the store lacks it; any other streamed. Every ``BlobWriter.put_file`` is this."""
+    data = read_small(path, CHUNK_SIZE)
+    if data is not None:
+        return writer.put_bytes(data), len(data)
+    with open(path, "rb", buffering=0) as src:
+        return writer.put_stream(file_pieces(src))
+
+
 def _syncfs(fd: int) -> bool:
     """Flush every dirty page of the file system holding ``fd``; False if unavailable."""
     try:
@@ -523,12 +534,7 @@ class LocalWriteBatch:
         self._stage(digest, temp)
 
     def put_file(self, path: str | os.PathLike[str]) -> tuple[str, int]:
-        """Store a file's bytes, hashing exactly the bytes that are written (one read pass)."""
-        data = read_small(path, CHUNK_SIZE)
-        if data is not None:  # read once, written only if the store lacks it
-            return self.put_bytes(data), len(data)
-        with open(path, "rb", buffering=0) as src:
-            return self.put_stream(file_pieces(src))
+        return store_file(self, path)
 
     def put_stream(self, chunks: Iterable[bytes], expected: str | None = None) -> tuple[str, int]:
         hasher = new_hasher()

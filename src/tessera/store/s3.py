@@ -30,12 +30,10 @@ from obstore.exceptions import NotFoundError as ObjectNotFound
 from obstore.store import S3Store
 
 from tessera.errors import AuthError, DigestMismatchError, StoreCorruptError, StoreFormatError
-from tessera.files import read_small
-from tessera.store.blobs import BlobInfo, LocalBlobStore
+from tessera.store.blobs import BlobInfo, LocalBlobStore, store_file
 from tessera.store.hashing import (
     CHUNK_SIZE,
     check_digest,
-    file_pieces,
     hash_bytes,
     is_digest,
     new_hasher,
@@ -390,11 +388,7 @@ class S3WriteBatch:
         self._put(digest, bytes(data))
 
     def put_file(self, path: str | os.PathLike[str]) -> tuple[str, int]:
-        data = read_small(path, CHUNK_SIZE)
-        if data is not None:
-            return self.put_bytes(data), len(data)
-        with open(path, "rb") as src:
-            return self.put_stream(file_pieces(src))
+        return store_file(self, path)
 
     def put_stream(self, chunks: Iterable[bytes], expected: str | None = None) -> tuple[str, int]:
         """Spool to a local temp file while hashing, then upload it (multipart when large)."""
