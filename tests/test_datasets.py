@@ -674,15 +674,29 @@ def _tiny_pngs(root: Path, count: int) -> list[Path]:
     return paths
 
 
+def _kept(limit: int = 1 << 30):
+    from tessera.probing import KeptBytes
+
+    return KeptBytes(limit)
+
+
 def test_a_helper_interpreter_probes_tiny_files_like_this_one(tmp_path):
-    """Same results, in order, whichever process probed a file; the helper did take part."""
+    """Same results, in order, whichever process probed a file; the helper did take part, and
+    sent back each file's bytes while the budget lasted."""
     from tessera.media import probe_file
     from tessera.probing import _probe_files
 
     paths = _tiny_pngs(tmp_path / "imgs", 120)
-    results, helped = _probe_files(paths, helper_above=1, chunk=4)
-    assert results == [probe_file(p) for p in paths]
+    results, helped = _probe_files(paths, helper_above=1, chunk=4, kept=_kept())
+    assert [info for info, _data in results] == [probe_file(p) for p in paths]
+    assert [data for _info, data in results] == [p.read_bytes() for p in paths]
     assert helped > 0
+    budget = 30 * paths[0].stat().st_size
+    kept = _kept(budget)
+    results, helped = _probe_files(paths, helper_above=1, chunk=4, kept=kept)
+    held = [data for _info, data in results if data is not None]
+    assert 0 < len(held) < len(paths) and sum(map(len, held)) == kept.held <= budget
+    assert [info for info, _data in results] == [probe_file(p) for p in paths] and helped > 0
 
 
 def test_files_the_probe_helper_calls_bad_are_judged_by_this_process(tmp_path, monkeypatch):
@@ -698,17 +712,17 @@ def test_files_the_probe_helper_calls_bad_are_judged_by_this_process(tmp_path, m
     helper = _start_helper()
     assert helper is not None and helper.stdin is not None and helper.stdout is not None
     try:
-        helper.stdin.write(json.dumps([str(paths[0]), str(paths[25])]) + "\n")
+        helper.stdin.write(json.dumps([False, [str(paths[0]), str(paths[25])]]) + "\n")
         helper.stdin.flush()
         info, flagged = json.loads(helper.stdout.readline())
     finally:
         _stop(helper)
-    assert info == list(dataclasses.astuple(probe_file(paths[0]))) and flagged is None
+    assert info == [*dataclasses.astuple(probe_file(paths[0])), None] and flagged is None
     with pytest.raises(ImageError, match=r"t025\.png is not a readable image"):
-        _probe_files(paths, helper_above=1, chunk=4)
+        _probe_files(paths, helper_above=1, chunk=4, kept=_kept())
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
-    results, helped = _probe_files(paths, helper_above=1, chunk=4)
-    assert results == [probe_file(p) for p in paths] and helped > 0
+    results, helped = _probe_files(paths, helper_above=1, chunk=4, kept=_kept())
+    assert [info for info, _data in results] == [probe_file(p) for p in paths] and helped > 0
 
 
 def test_long_paths_do_not_block_the_probe_helper(tmp_path):
@@ -719,14 +733,19 @@ def test_long_paths_do_not_block_the_probe_helper(tmp_path):
     deep = tmp_path.joinpath(*["d" * 60] * 5)
     paths = _tiny_pngs(deep, 600)
     assert len(str(paths[0])) > 350
-    results, helped = _probe_files(paths, helper_above=1, chunk=256)
-    assert results == [probe_file(p) for p in paths] and helped > 0
+    results, helped = _probe_files(paths, helper_above=1, chunk=256, kept=_kept())
+    assert [info for info, _data in results] == [probe_file(p) for p in paths] and helped > 0
 
 
 @pytest.mark.parametrize(
     "helper",
-    ["import sys; sys.exit(3)", "import sys\nfor line in sys.stdin: print('[1]', flush=True)"],
-    ids=["dies", "answers nonsense"],
+    [
+        "import sys; sys.exit(3)",
+        "import sys\nfor line in sys.stdin: print('[1]', flush=True)",
+        'import sys\nanswer = \'[28, 28, 1, "png", "p", "d", "#not base64#"]\'\n'
+        "for line in sys.stdin: print('[' + ', '.join([answer] * 4) + ']', flush=True)",
+    ],
+    ids=["dies", "answers nonsense", "sends bytes that are not base64"],
 )
 def test_a_failing_probe_helper_leaves_the_work_to_this_process(tmp_path, monkeypatch, helper):
     from tessera import probing
@@ -734,8 +753,8 @@ def test_a_failing_probe_helper_leaves_the_work_to_this_process(tmp_path, monkey
 
     monkeypatch.setattr(probing, "_HELPER", helper)
     paths = _tiny_pngs(tmp_path / "imgs", 40)
-    results, helped = probing._probe_files(paths, helper_above=1, chunk=4)
-    assert results == [probe_file(p) for p in paths]
+    results, helped = probing._probe_files(paths, helper_above=1, chunk=4, kept=_kept())
+    assert results == [(probe_file(p), p.read_bytes()) for p in paths]
     assert helped == 0
 
 
@@ -747,8 +766,8 @@ def test_a_folder_of_thumbnails_logs_the_same_with_the_probe_helper(tmp_path, mo
     helped = []
     real = probing._probe_files
 
-    def counted(paths, helper_above, chunk):
-        results, count = real(paths, 10, 4)
+    def counted(paths, helper_above, chunk, kept):
+        results, count = real(paths, 10, 4, kept)
         helped.append(count)
         return results, count
 
@@ -796,11 +815,14 @@ def test_a_sample_table_that_reads_back_damaged_is_not_indexed(tmp_path, monkeyp
 
 
 def test_an_image_file_that_changes_between_decoding_and_upload_is_refused(tmp_path, monkeypatch):
-    """The probe hashes each file before decoding it; if the bytes the upload then reads hash
-    otherwise, the sample's recorded pixels, size and format would describe other bytes than
-    the stored ones, so nothing is committed and the error names a changed file."""
+    """The probe hashes each file before decoding it. Files whose bytes were not kept for the
+    upload (over the budget) are read again; if those bytes then hash otherwise, the sample's
+    recorded pixels, size and format would describe other bytes than the stored ones, so nothing
+    is committed and the error names a changed file."""
+    from tessera.api import dataset as dataset_module
     from tessera.backend.local import LocalBackend
 
+    monkeypatch.setattr(dataset_module, "_KEPT_BYTES", 0)
     folder = tmp_path / "imgs" / "a"
     paths = _tiny_pngs(folder, 40)
     real_upload = LocalBackend.upload
@@ -825,3 +847,35 @@ def test_an_image_file_that_changes_between_decoding_and_upload_is_refused(tmp_p
         version = run.log_dataset(tessera.Dataset.from_folder(tmp_path / "imgs"))
     expected = PILImage.open(paths[7])
     assert np.array_equal(version.array("t007"), np.asarray(expected))
+
+
+def test_the_bytes_decoded_are_the_bytes_stored(tmp_path, monkeypatch):
+    """Within the budget, log_dataset stores the bytes it decoded, not the file read again: an
+    edit after the decode does not reach the store, and the version is consistent (its pixel
+    digests are those of its stored images). Files past the budget are read again."""
+    from tessera.api import dataset as dataset_module
+    from tessera.backend.local import LocalBackend
+    from tessera.media import probe_file
+
+    folder = tmp_path / "imgs" / "a"
+    paths = _tiny_pngs(folder, 40)
+    originals = [np.asarray(PILImage.open(p)) for p in paths]
+    monkeypatch.setattr(dataset_module, "_KEPT_BYTES", 20 * paths[0].stat().st_size)
+    real_upload = LocalBackend.upload
+    kinds = []
+
+    def upload_after_an_edit(self, project, sources):
+        if not kinds:
+            kinds.extend("bytes" if s.data is not None else "file" for s in sources)
+            PILImage.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(paths[3])
+        return real_upload(self, project, sources)
+
+    monkeypatch.setattr(LocalBackend, "upload", upload_after_an_edit)
+    with tessera.init(project="p", dir=tmp_path / "store") as run:
+        version = run.log_dataset(tessera.Dataset.from_folder(tmp_path / "imgs"))
+    assert kinds[3] == "bytes" and {"bytes", "file"} == set(kinds)
+    assert np.array_equal(version.array("t003"), originals[3])
+    table = version.table(["id", "pixels"]).to_pylist()
+    assert table[3]["pixels"] != probe_file(paths[3]).pixels  # the file on disk is another image
+    for i, row in enumerate(table):
+        assert np.array_equal(version.array(row["id"]), originals[i])

@@ -21,6 +21,7 @@ from typing import Any, cast
 import blake3
 import numpy as np
 from PIL import Image as PILImage
+from PIL import UnidentifiedImageError
 
 from tessera.errors import TesseraError
 from tessera.files import read_small
@@ -181,9 +182,10 @@ class FileImage:
         }
 
 
-def open_image(source: str | os.PathLike[str] | bytes) -> PILImage.Image:
-    """Open and fully decode an image, with errors that name the file."""
-    name = "image bytes" if isinstance(source, bytes) else str(source)
+def open_image(source: str | os.PathLike[str] | bytes, name: str | None = None) -> PILImage.Image:
+    """Open and fully decode an image, with errors that name the file (``name``, for bytes
+    read from one)."""
+    name = name or ("image bytes" if isinstance(source, bytes) else str(source))
     try:
         image = PILImage.open(io.BytesIO(source) if isinstance(source, bytes) else source)
         image.load()
@@ -192,17 +194,25 @@ def open_image(source: str | os.PathLike[str] | bytes) -> PILImage.Image:
         raise ImageError(f"no image file at {name}") from None
     except PILImage.DecompressionBombError as e:
         raise ImageError(f"{name} is too large to decode safely ({e})") from None
+    except UnidentifiedImageError:  # its message names the BytesIO object, not the file
+        raise ImageError(f"{name} is not a readable image (not a format Pillow knows)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{name} is not a readable image ({e})") from None
 
 
 def probe_file(path: str | os.PathLike[str] | bytes) -> FileImage:
     """Decode an image file (or its bytes) once: size, format, the pixel digest of
-    ``np.asarray(image)``, and the digest of the file's bytes.
+    ``np.asarray(image)``, and the digest of the file's bytes."""
+    return probe_file_bytes(path)[0]
 
-    The bytes are hashed before they are decoded, so if the file changes after that, the digest
-    of what is later uploaded differs from this one, which ``store_dataset`` refuses: the pixel
-    digest, size and format recorded for a sample always describe the bytes stored for it."""
+
+def probe_file_bytes(path: str | os.PathLike[str] | bytes) -> tuple[FileImage, bytes | None]:
+    """``probe_file``, and the bytes it hashed and decoded (None for a file too large to read
+    whole, which is hashed mapped and decoded from its path).
+
+    Storing exactly these bytes makes the sample's pixel digest, size and format describe what
+    is stored, whatever happens to the file afterwards; without them, ``store_dataset`` reads
+    the file again and refuses it if it no longer hashes to ``file_digest``."""
     data = path if isinstance(path, bytes) else None
     file_digest = None
     with suppress(OSError):  # if unreadable, Pillow says why below
@@ -216,20 +226,22 @@ def probe_file(path: str | os.PathLike[str] | bytes) -> FileImage:
         (width, height), channels = plain.size, len(plain.mode)
         shape = (height, width) if channels == 1 else (height, width, channels)
         pixels = _pixel_digest(shape, "|u1", plain.tobytes())
-        return FileImage(width, height, channels, "png", pixels, file_digest)
-    # Anything else is decoded by Pillow, from the path, so that its errors name the file
-    # (given bytes, they name a BytesIO object).
-    image = open_image(path)
+        return FileImage(width, height, channels, "png", pixels, file_digest), data
+    # Anything else is decoded by Pillow: from the bytes just hashed when there are some (so the
+    # pixels are those of the hashed bytes), else from the path.
+    name = None if isinstance(path, bytes) else os.fsdecode(path)
+    image = open_image(data if data is not None else path, name)
     canonical = canonical_pixels(image)
     fmt = image.format
     if not fmt:  # the file name's suffix, looked at only when needed (a Path costs 4 µs)
-        fmt = "" if isinstance(path, bytes) else Path(path).suffix.lstrip(".")
+        fmt = "" if name is None else Path(name).suffix.lstrip(".")
     fmt = (fmt or "unknown").lower()
     if file_digest is None:  # unreadable a moment ago, yet Pillow read it
         file_digest = _streamed_digest(cast(str, path))
-    return FileImage(
+    info = FileImage(
         canonical.width, canonical.height, canonical.channels, fmt, canonical.digest(), file_digest
     )
+    return info, data
 
 
 def _streamed_digest(path: str | os.PathLike[str]) -> str:

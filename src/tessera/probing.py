@@ -7,13 +7,16 @@ BLAKE3; about 0.14 s, while this process has already started) and answers chunks
 with their probe results over a pipe. This process and the helper take chunks from one queue, so
 a slow start or a busy core balances itself; if the helper cannot start, dies or answers
 nonsense, this process probes what it had taken. Results and errors are the same as probing each
-file here, in order: the first bad file raises its ``ImageError``. A file the helper calls bad is
+file here, in order: the first bad file raises its ``ImageError``. Each file's bytes come back
+with its result (base64 in the helper's answer) while a ``KeptBytes`` budget lasts, so that the
+upload stores the very bytes that were decoded without reading the file again. A file the helper calls bad is
 probed again here, so that this process's Pillow (its plugins, ``LOAD_TRUNCATED_IMAGES``) has the
 last word; ``MAX_IMAGE_PIXELS`` is passed on.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -25,7 +28,7 @@ from pathlib import Path
 
 from PIL import Image as PILImage
 
-from tessera.media import FileImage, ImageError, probe_file
+from tessera.media import FileImage, ImageError, probe_file_bytes
 
 # Below this many files, starting an interpreter costs more than it saves (10,000 thumbnails:
 # 0.32 s here alone, 0.28 s with the helper, which answers its first chunk after 0.14 s).
@@ -34,7 +37,7 @@ CHUNK = 256
 IN_FLIGHT = 2  # chunks sent to the helper ahead of its answers, so it never waits for us
 
 _HELPER = r"""
-import gc, json, queue, sys, threading, types
+import base64, gc, json, queue, sys, threading, types
 gc.disable()  # a short-lived process whose objects hold no cycles (see tessera/gcpause.py)
 # A bare package object: tessera/__init__.py would import SQLAlchemy and the whole API (0.3 s)
 # for a helper that needs media.py and errors.py alone.
@@ -42,7 +45,7 @@ package = types.ModuleType("tessera")
 package.__path__ = [sys.argv[1]]
 sys.modules["tessera"] = package
 from PIL import Image
-from tessera.media import ImageError, probe_file
+from tessera.media import ImageError, probe_file_bytes
 
 Image.MAX_IMAGE_PIXELS = json.loads(sys.argv[2])
 # Requests are read as they arrive, so the parent's writes never wait for our answers to be
@@ -56,31 +59,62 @@ def pump():
 
 threading.Thread(target=pump, daemon=True).start()
 for line in iter(requests.get, None):
+    want_bytes, paths = json.loads(line)
     out = []
-    for path in json.loads(line):
+    for path in paths:
         try:
-            info = probe_file(path)
-            out.append(
-                [info.width, info.height, info.channels, info.format, info.pixels, info.file_digest]
-            )
+            info, data = probe_file_bytes(path)
         except ImageError:
             out.append(None)  # the parent probes it again and raises its own error
+            continue
+        sent = base64.b64encode(data).decode() if want_bytes and data is not None else None
+        out.append(
+            [info.width, info.height, info.channels, info.format, info.pixels, info.file_digest,
+             sent]
+        )
     sys.stdout.write(json.dumps(out) + "\n")
     sys.stdout.flush()
 """
 
+Probed = tuple[FileImage, bytes | None]  # a file's probe result, and its bytes if kept
 
-def probe_files(paths: Sequence[Path]) -> list[FileImage]:
-    """``[probe_file(p) for p in paths]``, on a second core when there are many."""
+
+class KeptBytes:
+    """The bytes of probed files held for their upload, up to ``limit`` bytes in all; files
+    beyond it are read again when stored (and must still hash as they did when probed)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def keep(self, data: bytes | None) -> bytes | None:
+        """``data`` if it fits in what is left, else None (and it is not held)."""
+        if data is None:
+            return None
+        with self._lock:
+            if self.held + len(data) > self.limit:
+                return None
+            self.held += len(data)
+        return data
+
+    @property
+    def left(self) -> int:
+        return self.limit - self.held
+
+
+def probe_files(paths: Sequence[Path], kept: KeptBytes) -> list[Probed]:
+    """``[probe_file_bytes(p) for p in paths]``, on a second core when there are many; bytes
+    are kept while ``kept`` allows."""
     helper_above = HELPER_ABOVE if _usable_cores() > 1 else len(paths) + 1
-    return _probe_files(paths, helper_above, CHUNK)[0]
+    return _probe_files(paths, helper_above, CHUNK, kept)[0]
 
 
 def _probe_files(
-    paths: Sequence[Path], helper_above: int, chunk: int
-) -> tuple[list[FileImage], int]:
+    paths: Sequence[Path], helper_above: int, chunk: int, kept: KeptBytes
+) -> tuple[list[Probed], int]:
     """The probe results, and how many files the helper probed."""
-    results: list[FileImage | ImageError | None] = [None] * len(paths)
+    results: list[Probed | ImageError | None] = [None] * len(paths)
     queue = deque(range(0, len(paths), chunk))
     lock = threading.Lock()
     helped = [0]
@@ -92,7 +126,8 @@ def _probe_files(
     def probe_here(start: int, stop: int) -> None:
         for i in range(start, min(stop, len(paths))):
             try:
-                results[i] = probe_file(paths[i])
+                info, data = probe_file_bytes(paths[i])
+                results[i] = (info, kept.keep(data))
             except ImageError as e:
                 results[i] = e
 
@@ -104,19 +139,19 @@ def _probe_files(
                 while len(sent) < IN_FLIGHT and (start := take()) is not None:
                     sent.append(start)
                     names = [os.fsdecode(p) for p in paths[start : start + chunk]]
-                    helper.stdin.write(json.dumps(names) + "\n")
+                    helper.stdin.write(json.dumps([kept.left > 0, names]) + "\n")
                     helper.stdin.flush()
                 if not sent:
                     return
                 start = sent[0]
-                infos = _parse_answer(helper.stdout.readline(), len(paths[start : start + chunk]))
-                for i, info in enumerate(infos, start):
-                    if info is None:  # a bad file: this process decides, and says why
+                answers = _parse_answer(helper.stdout.readline(), len(paths[start : start + chunk]))
+                for i, answer in enumerate(answers, start):
+                    if answer is None:  # a bad file: this process decides, and says why
                         probe_here(i, i + 1)
                     else:
-                        results[i] = info
+                        results[i] = (answer[0], kept.keep(answer[1]))
                 sent.popleft()
-                helped[0] += len(infos)
+                helped[0] += len(answers)
         except Exception:  # a broken helper only means that this process does more
             pass
         finally:
@@ -146,24 +181,28 @@ def _probe_files(
     return out, helped[0]
 
 
-def _parse_answer(line: str, count: int) -> list[FileImage | None]:
-    """The helper's answer for ``count`` files: a FileImage, or None for a bad file."""
+def _parse_answer(line: str, count: int) -> list[Probed | None]:
+    """The helper's answer for ``count`` files: a result and its bytes, or None for a bad
+    file. Anything malformed raises ValueError (binascii.Error is one)."""
     answers = json.loads(line)
     if not isinstance(answers, list) or len(answers) != count:
         raise ValueError("the probe helper answered for the wrong number of files")
-    out: list[FileImage | None] = []
+    out: list[Probed | None] = []
     for answer in answers:
         if answer is None:
             out.append(None)
             continue
         if not (
             isinstance(answer, list)
-            and len(answer) == 6
+            and len(answer) == 7
             and all(isinstance(v, int) and not isinstance(v, bool) for v in answer[:3])
-            and all(isinstance(v, str) for v in answer[3:])
+            and all(isinstance(v, str) for v in answer[3:6])
+            and isinstance(answer[6], str | None)
         ):
             raise ValueError(f"the probe helper answered {answer!r}")
-        out.append(FileImage(*answer))
+        sent = answer[6]
+        data = None if sent is None else base64.b64decode(sent, validate=True)
+        out.append((FileImage(*answer[:6]), data))
     return out
 
 
