@@ -662,16 +662,19 @@ def _one_image_dataset() -> tessera.Dataset:
     return ds
 
 
-def _tiny_pngs(root: Path, count: int) -> list[Path]:
-    """28x28 grey PNGs (about 800 bytes): the thumbnails a helper interpreter probes."""
+def _random_images(root: Path, count: int, shape: tuple[int, ...], ext: str) -> list[Path]:
+    """``count`` images of random pixels, ``t000<ext>``, ``t001<ext>``, ... in ``root``."""
     rng = np.random.default_rng(11)
     root.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        path = root / f"t{i:03d}.png"
-        PILImage.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(path)
-        paths.append(path)
+    paths = [root / f"t{i:03d}{ext}" for i in range(count)]
+    for path in paths:
+        PILImage.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(path)
     return paths
+
+
+def _tiny_pngs(root: Path, count: int) -> list[Path]:
+    """28x28 grey PNGs (about 800 bytes): the thumbnails a helper interpreter probes."""
+    return _random_images(root, count, (28, 28), ".png")
 
 
 def _kept(limit: int = 1 << 30):
@@ -712,7 +715,7 @@ def test_files_the_probe_helper_calls_bad_are_judged_by_this_process(tmp_path, m
     helper = _start_helper()
     assert helper is not None and helper.stdin is not None and helper.stdout is not None
     try:
-        helper.stdin.write(json.dumps([False, [str(paths[0]), str(paths[25])]]) + "\n")
+        helper.stdin.write(json.dumps([0, 1 << 20, [str(paths[0]), str(paths[25])]]) + "\n")
         helper.stdin.flush()
         info, flagged = json.loads(helper.stdout.readline())
     finally:
@@ -744,8 +747,14 @@ def test_long_paths_do_not_block_the_probe_helper(tmp_path):
         "import sys\nfor line in sys.stdin: print('[1]', flush=True)",
         'import sys\nanswer = \'[28, 28, 1, "png", "p", "d", "#not base64#"]\'\n'
         "for line in sys.stdin: print('[' + ', '.join([answer] * 4) + ']', flush=True)",
+        # Right in form, but the bytes are not those whose digest it gives.
+        "import base64, json, sys\nfor line in sys.stdin:\n"
+        "    _allowance, _limit, paths = json.loads(line)\n"
+        "    other = base64.b64encode(b'other bytes').decode()\n"
+        "    print(json.dumps([[28, 28, 1, 'png', 'p', 'd' * 64, other] for _ in paths]), "
+        "flush=True)",
     ],
-    ids=["dies", "answers nonsense", "sends bytes that are not base64"],
+    ids=["dies", "answers nonsense", "sends bytes that are not base64", "sends other bytes"],
 )
 def test_a_failing_probe_helper_leaves_the_work_to_this_process(tmp_path, monkeypatch, helper):
     from tessera import probing
@@ -849,33 +858,50 @@ def test_an_image_file_that_changes_between_decoding_and_upload_is_refused(tmp_p
     assert np.array_equal(version.array("t007"), np.asarray(expected))
 
 
-def test_the_bytes_decoded_are_the_bytes_stored(tmp_path, monkeypatch):
+def _jpegs(root: Path, count: int) -> list[Path]:
+    """64x64 colour JPEGs of a few KB: probed in threads, by Pillow's JPEG plugin."""
+    return _random_images(root, count, (64, 64, 3), ".jpg")
+
+
+@pytest.mark.parametrize("kind", ["tiny PNGs", "JPEGs"])
+def test_the_bytes_decoded_are_the_bytes_stored(tmp_path, monkeypatch, kind):
     """Within the budget, log_dataset stores the bytes it decoded, not the file read again: an
     edit after the decode does not reach the store, and the version is consistent (its pixel
-    digests are those of its stored images). Files past the budget are read again."""
+    digests are those of its stored images). Files past the budget are read again. Thumbnails
+    are probed in this thread, larger files in threads; an in-memory image whose id takes a
+    file's path is stored beside it."""
     from tessera.api import dataset as dataset_module
     from tessera.backend.local import LocalBackend
-    from tessera.media import probe_file
+    from tessera.media import pixel_digest
 
     folder = tmp_path / "imgs" / "a"
-    paths = _tiny_pngs(folder, 40)
-    originals = [np.asarray(PILImage.open(p)) for p in paths]
-    monkeypatch.setattr(dataset_module, "_KEPT_BYTES", 20 * paths[0].stat().st_size)
+    paths = _tiny_pngs(folder, 40) if kind == "tiny PNGs" else _jpegs(folder, 40)
+    originals = {p.stem: np.asarray(PILImage.open(p)) for p in paths}
+    monkeypatch.setattr(dataset_module, "_KEPT_BYTES", 20 * max(p.stat().st_size for p in paths))
     real_upload = LocalBackend.upload
-    kinds = []
+    stored_from: dict[str, str] = {}  # artifact path -> "bytes" or "file"
+    edited: list[Path] = []
 
     def upload_after_an_edit(self, project, sources):
-        if not kinds:
-            kinds.extend("bytes" if s.data is not None else "file" for s in sources)
-            PILImage.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(paths[3])
+        if not stored_from:  # the images' upload, after every image was decoded
+            stored_from.update((s.path, "file" if s.data is None else "bytes") for s in sources)
+            kept = next(s for s in sources if s.data is not None and s.local is None)
+            path = folder / kept.path.rpartition("/")[2]
+            if path.exists():  # not the in-memory image
+                PILImage.fromarray(np.zeros((9, 9), dtype=np.uint8)).save(path, "PNG")
+                edited.append(path)
         return real_upload(self, project, sources)
 
     monkeypatch.setattr(LocalBackend, "upload", upload_after_an_edit)
+    ds = tessera.Dataset.from_folder(tmp_path / "imgs")
+    in_memory = np.full((8, 8), 7, dtype=np.uint8)
+    ds.add(paths[1].name, in_memory)  # its path, images/t001.<ext>, is its file's already
     with tessera.init(project="p", dir=tmp_path / "store") as run:
-        version = run.log_dataset(tessera.Dataset.from_folder(tmp_path / "imgs"))
-    assert kinds[3] == "bytes" and {"bytes", "file"} == set(kinds)
-    assert np.array_equal(version.array("t003"), originals[3])
-    table = version.table(["id", "pixels"]).to_pylist()
-    assert table[3]["pixels"] != probe_file(paths[3]).pixels  # the file on disk is another image
-    for i, row in enumerate(table):
-        assert np.array_equal(version.array(row["id"]), originals[i])
+        version = run.log_dataset(ds)
+    assert set(stored_from.values()) == {"bytes", "file"} and len(edited) == 1
+    assert np.asarray(PILImage.open(edited[0])).shape == (9, 9)  # the file is another image now
+    pixels = {row["id"]: row["pixels"] for row in version.table(["id", "pixels"]).to_pylist()}
+    for stem, original in originals.items():  # what was decoded, the edited file's included
+        assert np.array_equal(version.array(stem), original)
+        assert pixels[stem] == pixel_digest(original)
+    assert np.array_equal(version.array(paths[1].name), in_memory)

@@ -195,7 +195,10 @@ def open_image(source: str | os.PathLike[str] | bytes, name: str | None = None) 
     except PILImage.DecompressionBombError as e:
         raise ImageError(f"{name} is too large to decode safely ({e})") from None
     except UnidentifiedImageError:  # its message names the BytesIO object, not the file
-        raise ImageError(f"{name} is not a readable image (not a format Pillow knows)") from None
+        raise ImageError(
+            f"{name} is not a readable image (Pillow cannot identify it: empty, damaged or in an "
+            "unknown format)"
+        ) from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{name} is not a readable image ({e})") from None
 
@@ -207,8 +210,9 @@ def probe_file(path: str | os.PathLike[str] | bytes) -> FileImage:
 
 
 def probe_file_bytes(path: str | os.PathLike[str] | bytes) -> tuple[FileImage, bytes | None]:
-    """``probe_file``, and the bytes it hashed and decoded (None for a file too large to read
-    whole, which is hashed mapped and decoded from its path).
+    """``probe_file``, and the bytes it hashed and decoded. None instead of bytes for a file too
+    large to read whole (hashed mapped and decoded from its path), and for one whose size
+    changed while it was read or that could not be read at first (decoded from its path).
 
     Storing exactly these bytes makes the sample's pixel digest, size and format describe what
     is stored, whatever happens to the file afterwards; without them, ``store_dataset`` reads

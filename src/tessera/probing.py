@@ -1,16 +1,17 @@
 """Probing many small image files on two cores instead of one.
 
-Probing a 28x28 PNG (read, decode, pixel digest: ``media.probe_file``) takes about 30 µs, nearly
+Probing a 28x28 PNG (read, decode, pixel digest: ``media.probe_file_bytes``) takes about 30 µs,
+nearly
 all of it Python holding the GIL, so threads do not help (four took 1.7x as long as one). A
 helper interpreter on another core does: it imports only ``tessera.media`` (Pillow, NumPy,
 BLAKE3; about 0.14 s, while this process has already started) and answers chunks of paths
 with their probe results over a pipe. This process and the helper take chunks from one queue, so
 a slow start or a busy core balances itself; if the helper cannot start, dies or answers
 nonsense, this process probes what it had taken. Results and errors are the same as probing each
-file here, in order: the first bad file raises its ``ImageError``. Each file's bytes come back
-with its result (base64 in the helper's answer) while a ``KeptBytes`` budget lasts, so that the
-upload stores the very bytes that were decoded without reading the file again. A file the helper calls bad is
-probed again here, so that this process's Pillow (its plugins, ``LOAD_TRUNCATED_IMAGES``) has the
+file here, in order: the first bad file raises its ``ImageError``. A small file's bytes come
+back with its result (base64 in the helper's answer, which must hash to the digest it gives)
+while a ``KeptBytes`` budget lasts, so that the upload stores the very bytes that were decoded
+without reading the file again. A file the helper calls bad is probed again here, so that this process's Pillow (its plugins, ``LOAD_TRUNCATED_IMAGES``) has the
 last word; ``MAX_IMAGE_PIXELS`` is passed on.
 """
 
@@ -29,6 +30,7 @@ from pathlib import Path
 from PIL import Image as PILImage
 
 from tessera.media import FileImage, ImageError, probe_file_bytes
+from tessera.store.hashing import hash_bytes
 
 # Below this many files, starting an interpreter costs more than it saves (10,000 thumbnails:
 # 0.32 s here alone, 0.28 s with the helper, which answers its first chunk after 0.14 s).
@@ -59,7 +61,8 @@ def pump():
 
 threading.Thread(target=pump, daemon=True).start()
 for line in iter(requests.get, None):
-    want_bytes, paths = json.loads(line)
+    # The parent's budget left for bytes, and the largest file it keeps: nothing larger travels.
+    allowance, file_limit, paths = json.loads(line)
     out = []
     for path in paths:
         try:
@@ -67,7 +70,10 @@ for line in iter(requests.get, None):
         except ImageError:
             out.append(None)  # the parent probes it again and raises its own error
             continue
-        sent = base64.b64encode(data).decode() if want_bytes and data is not None else None
+        sent = None
+        if data is not None and len(data) <= min(allowance, file_limit):
+            allowance -= len(data)
+            sent = base64.b64encode(data).decode()
         out.append(
             [info.width, info.height, info.channels, info.format, info.pixels, info.file_digest,
              sent]
@@ -80,8 +86,11 @@ Probed = tuple[FileImage, bytes | None]  # a file's probe result, and its bytes 
 
 
 class KeptBytes:
-    """The bytes of probed files held for their upload, up to ``limit`` bytes in all; files
-    beyond it are read again when stored (and must still hash as they did when probed)."""
+    """The bytes of probed files held for their upload: files of at most ``FILE_LIMIT`` bytes,
+    up to ``limit`` bytes in all. Other files are read again when stored (and must still hash as
+    they did when probed): for a large file that second read costs little next to its bytes."""
+
+    FILE_LIMIT = 1024 * 1024
 
     def __init__(self, limit: int):
         self.limit = limit
@@ -89,8 +98,8 @@ class KeptBytes:
         self._lock = threading.Lock()
 
     def keep(self, data: bytes | None) -> bytes | None:
-        """``data`` if it fits in what is left, else None (and it is not held)."""
-        if data is None:
+        """``data`` if it is small and fits in what is left, else None (and it is not held)."""
+        if data is None or len(data) > self.FILE_LIMIT:
             return None
         with self._lock:
             if self.held + len(data) > self.limit:
@@ -139,7 +148,8 @@ def _probe_files(
                 while len(sent) < IN_FLIGHT and (start := take()) is not None:
                     sent.append(start)
                     names = [os.fsdecode(p) for p in paths[start : start + chunk]]
-                    helper.stdin.write(json.dumps([kept.left > 0, names]) + "\n")
+                    request = [kept.left, kept.FILE_LIMIT, names]
+                    helper.stdin.write(json.dumps(request) + "\n")
                     helper.stdin.flush()
                 if not sent:
                     return
@@ -183,7 +193,8 @@ def _probe_files(
 
 def _parse_answer(line: str, count: int) -> list[Probed | None]:
     """The helper's answer for ``count`` files: a result and its bytes, or None for a bad
-    file. Anything malformed raises ValueError (binascii.Error is one)."""
+    file. Anything malformed, bytes that do not hash to the digest given included, raises
+    ValueError (binascii.Error is one)."""
     answers = json.loads(line)
     if not isinstance(answers, list) or len(answers) != count:
         raise ValueError("the probe helper answered for the wrong number of files")
@@ -200,9 +211,11 @@ def _parse_answer(line: str, count: int) -> list[Probed | None]:
             and isinstance(answer[6], str | None)
         ):
             raise ValueError(f"the probe helper answered {answer!r}")
-        sent = answer[6]
+        info, sent = FileImage(*answer[:6]), answer[6]
         data = None if sent is None else base64.b64decode(sent, validate=True)
-        out.append((FileImage(*answer[:6]), data))
+        if data is not None and hash_bytes(data) != info.file_digest:
+            raise ValueError("the probe helper sent bytes that are not those it decoded")
+        out.append((info, data))
     return out
 
 

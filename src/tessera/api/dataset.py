@@ -54,9 +54,10 @@ _DECODE_WORKERS = min(8, 2 * (os.cpu_count() or 1))
 # one, handing it back and forth; probing.py uses a second process instead. Larger files (a
 # 64x64 JPEG already) gain from threads.
 _SERIAL_PROBE_BELOW = 1024
-# The bytes of image files decoded by log_dataset are kept for the upload, up to this much in
-# all: storing them saves reading and hashing each file again (a tenth of a bucket ingest's
-# client CPU for thumbnails) and stores exactly what was decoded. Beyond it, files are read again.
+# The bytes of small image files decoded by log_dataset are kept for the upload, up to this much
+# in all (probing.KeptBytes): storing them saves reading each file again (a tenth of a bucket
+# ingest's client CPU for thumbnails) and stores exactly what was decoded. Beyond it, files are
+# read again.
 _KEPT_BYTES = 256 * 1024 * 1024
 
 
