@@ -1,18 +1,18 @@
 """Probing many small image files on two cores instead of one.
 
 Probing a 28x28 PNG (read, decode, pixel digest: ``media.probe_file_bytes``) takes about 30 µs,
-nearly
-all of it Python holding the GIL, so threads do not help (four took 1.7x as long as one). A
-helper interpreter on another core does: it imports only ``tessera.media`` (Pillow, NumPy,
-BLAKE3; about 0.14 s, while this process has already started) and answers chunks of paths
-with their probe results over a pipe. This process and the helper take chunks from one queue, so
-a slow start or a busy core balances itself; if the helper cannot start, dies or answers
-nonsense, this process probes what it had taken. Results and errors are the same as probing each
-file here, in order: the first bad file raises its ``ImageError``. A small file's bytes come
-back with its result (base64 in the helper's answer, which must hash to the digest it gives)
-while a ``KeptBytes`` budget lasts, so that the upload stores the very bytes that were decoded
-without reading the file again. A file the helper calls bad is probed again here, so that this process's Pillow (its plugins, ``LOAD_TRUNCATED_IMAGES``) has the
-last word; ``MAX_IMAGE_PIXELS`` is passed on.
+nearly all of it Python holding the GIL, so threads do not help (four took 1.7x as long as one).
+A helper interpreter on another core does: it imports only ``tessera.media`` (Pillow, NumPy,
+BLAKE3; about 0.14 s, while this process has already started) and answers chunks of paths with
+their probe results over a pipe. This process and the helper take chunks from one queue, so a
+slow start or a busy core balances itself; if the helper cannot start, dies or answers nonsense,
+this process probes what it had taken. Results and errors are the same as probing each file
+here, in order: the first bad file raises its ``ImageError``. A small file's bytes come back
+with its result (base64 in the helper's answer, which must hash to the digest it gives) while a
+``KeptBytes`` budget lasts, so that the upload stores the very bytes that were decoded without
+reading the file again. A file the helper calls bad is probed again here, so that this
+process's Pillow (its plugins, ``LOAD_TRUNCATED_IMAGES``) has the last word;
+``MAX_IMAGE_PIXELS`` is passed on.
 """
 
 from __future__ import annotations

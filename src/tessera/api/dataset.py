@@ -316,12 +316,12 @@ def store_dataset(backend: Backend, project: str, ds: Dataset) -> Manifest:
             else:
                 info, data = probe_file_bytes(sample.image)
                 data = kept.keep(data)
-            path = _image_path(sample.id, file_extension(info.format))
             # The bytes decoded, when kept, are the ones stored; else the file is read again.
-            source = (
-                Source(path=path, local=sample.image, media=info.media())
-                if data is None
-                else Source(path=path, data=data, media=info.media())
+            source = Source(
+                path=_image_path(sample.id, file_extension(info.format)),
+                local=sample.image if data is None else None,
+                data=data,
+                media=info.media(),
             )
             return source, info.pixels, info.file_digest
         png = sample.image.encode_png()
